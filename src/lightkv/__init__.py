@@ -1,0 +1,15 @@
+"""lightkv: a lighter KV cache for vision-language models (LightKV, TMLR 2026) on HuggingFace transformers.
+
+    handle = lightkv.apply(model, lightkv.LightKV(layers=[12, 18, 24], windows=[4, 2, 1], ratios=[0.5] * 3))
+    out = model.generate(**inputs)
+    handle.stats.mean_retained_fraction
+    handle.remove()
+"""
+
+from .adapters import SUPPORTED_FAMILIES
+from .engine import Handle, PrefillStats, apply
+from .method import LightKV, Method, predict_retained_fraction
+
+__all__ = ["apply", "Handle", "PrefillStats", "LightKV", "Method", "predict_retained_fraction",
+           "SUPPORTED_FAMILIES"]
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""What the engine needs to know about a model family, behind one small interface."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["VisionLayout", "Adapter"]
+
+
+@dataclass
+class VisionLayout:
+    """Where the vision tokens of a batch are, at full prefill length.
+
+    vision_mask: (B, N) bool, every image/video token (patches and non-patch tokens such as a CLS).
+    image_index: (B, N) long, index of the image a patch belongs to (into ``grid_hw``), -1 elsewhere.
+        Only tokens with image_index >= 0 can be merged.
+    grid_rows, grid_cols: (B, N) long, original grid coordinate of each patch (0 elsewhere).
+    grid_hw: (I, 2) long, rows and columns of each image's token grid.
+    """
+
+    vision_mask: torch.Tensor
+    image_index: torch.Tensor
+    grid_rows: torch.Tensor
+    grid_cols: torch.Tensor
+    grid_hw: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return int(self.grid_hw.shape[0])
+
+
+class Adapter:
+    """Model-family knowledge: where the decoder is, where the image tokens are, how attention is computed.
+
+    Subclasses set ``family`` and ``model_classes`` and implement ``vision_layout``; the Llama-style defaults
+    below (``self_attn.q_proj``/``k_proj``, the modeling module's ``apply_rotary_pos_emb``) suit most decoders.
+    """
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @property
+    def entry_module(self) -> nn.Module:
+        """Module whose forward receives ``input_ids``/``inputs_embeds``, the mask and the cache."""
+        raise NotImplementedError
+
+    @property
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def text_config(self) -> Any:
+        return self.language_model.config
+
+    def attn_implementation(self) -> str:
+        return getattr(self.text_config, "_attn_implementation", None) or "eager"
+
+    def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                      call_kwargs: dict) -> VisionLayout | None:
+        """Locate the vision tokens of a prefill call; None when the prompt has none."""
+        raise NotImplementedError
+
+    # -- attention pieces for guidance ----------------------------------------------------------------------
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def query_projection(self, layer: nn.Module) -> nn.Module:
+        return self.attention(layer).q_proj
+
+    def key_projection(self, layer: nn.Module) -> nn.Module:
+        return self.attention(layer).k_proj
+
+    def _rotary_fn(self, attn: nn.Module) -> Callable:
+        fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if fn is None:
+            raise TypeError(f"lightkv: cannot find apply_rotary_pos_emb next to {type(attn).__name__}")
+        return fn
+
+    def queries_keys(self, layer: nn.Module, q_raw: torch.Tensor, k_raw: torch.Tensor,
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Post-RoPE queries (B, H, N, Dh) and keys (B, Hkv, N, Dh) from the q/k projection outputs."""
+        attn = self.attention(layer)
+        head_dim = attn.head_dim
+        B, N, _ = q_raw.shape
+        q = q_raw.view(B, N, -1, head_dim).transpose(1, 2)
+        k = k_raw.view(B, N, -1, head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = self._rotary_fn(attn)(q, k, cos, sin)
+        scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
+        return q, k, scaling
+
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for arbitrary position ids (used by ``positions="compact"``)."""
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
