@@ -164,8 +164,10 @@ class StageContext:
 
 
 class PrefillState:
-    def __init__(self, handle: "Handle", layout: VisionLayout, attention_mask: torch.Tensor | None, N: int):
+    def __init__(self, handle: "Handle", layout: VisionLayout, attention_mask: torch.Tensor | None, N: int,
+                 passthrough: bool = False):
         self.handle = handle
+        self.passthrough = passthrough  # text-only prefill: layers run untouched, only stats are taken
         self.layout = layout
         B = layout.vision_mask.shape[0]
         device = layout.vision_mask.device
@@ -280,6 +282,15 @@ class Handle:
         if layout is None:
             if record is not None:
                 self._state.set(DecodeState(record, cache))
+            elif cache is None or cache.get_seq_length() == 0:
+                # a prefill without images: nothing to compress, but stats still describe this call
+                ref = input_ids if input_ids is not None else inputs_embeds
+                B, N = ref.shape[:2]
+                empty = torch.zeros(B, N, dtype=torch.bool, device=ref.device)
+                none = torch.full((B, N), -1, dtype=torch.long, device=ref.device)
+                layout = VisionLayout(empty, none, none.clamp(min=0), none.clamp(min=0),
+                                      torch.zeros(0, 2, dtype=torch.long, device=ref.device))
+                self._state.set(PrefillState(self, layout, call.get("attention_mask"), N, passthrough=True))
             return
         if self.model.training or self.adapter.language_model.training:
             raise RuntimeError("lightkv: the model is in training mode; LightKV is an inference method. "
@@ -313,7 +324,8 @@ class Handle:
 
     def _stats(self, state: PrefillState) -> PrefillStats:
         B = state.layout.vision_mask.shape[0]
-        seg_of_layer = [sum(1 for s in self.stage_layers if s < layer) for layer in range(self.num_layers)]
+        last = len(state.vision_counts) - 1  # 0 for a text-only prefill
+        seg_of_layer = [min(last, sum(1 for s in self.stage_layers if s < layer)) for layer in range(self.num_layers)]
         vision = [[int(state.vision_counts[seg_of_layer[l]][b]) for l in range(self.num_layers)] for b in range(B)]
         tokens = [[int(state.token_counts[seg_of_layer[l]][b]) for l in range(self.num_layers)] for b in range(B)]
         retained = [None if row[0] == 0 else sum(row) / (row[0] * self.num_layers) for row in vision]
@@ -347,6 +359,10 @@ class Handle:
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             state = self._state.get()
             if isinstance(state, PrefillState):
+                if state.passthrough:
+                    state.cache = state.cache or next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None),
+                                                      None)
+                    return None
                 return self._prefill_layer_pre(state, index, args, kwargs)
             if isinstance(state, DecodeState) and index in state.record.layer_segment:
                 return self._decode_layer_pre(state, index, args, kwargs)
@@ -356,7 +372,7 @@ class Handle:
     def _make_layer_post(self, index: int):
         def hook(module: nn.Module, args: tuple, output: Any):
             state = self._state.get()
-            if not isinstance(state, PrefillState):
+            if not isinstance(state, PrefillState) or state.passthrough:
                 return None
             hidden = _layer_output(output)
             if index in self.stage_of_layer:
