@@ -8,7 +8,7 @@
 
 from .adapters import SUPPORTED_FAMILIES
 from .engine import Handle, PrefillStats, apply
-from .method import LightKV, Method, predict_retained_fraction
+from .methods import LightKV, Method, predict_retained_fraction
 
 __all__ = ["apply", "Handle", "PrefillStats", "LightKV", "Method", "predict_retained_fraction",
            "SUPPORTED_FAMILIES"]

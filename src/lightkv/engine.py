@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapters import Adapter, VisionLayout, get_adapter
 from .core import compact_indices
-from .method import Method
+from .methods import Method
 
 __all__ = ["Handle", "apply", "PrefillStats", "StageContext", "SUPPORTED_ATTENTION"]
 
