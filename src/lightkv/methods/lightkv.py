@@ -20,6 +20,7 @@ __all__ = ["LightKV", "predict_retained_fraction"]
 
 logger = logging.getLogger("lightkv")
 
+
 def _as_tuple(name: str, values: Sequence, kind: type) -> tuple:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list of {kind.__name__}, got {values!r}")
