@@ -8,8 +8,11 @@
 
 from .adapters import SUPPORTED_FAMILIES
 from .engine import Handle, PrefillStats, apply
-from .methods import LightKV, Method, predict_retained_fraction
+from .budget import BudgetMatch, match_budget, predict_kept_per_layer, register_budget
+from .methods import (DART, FastV, LightKV, Method, PDrop, Random, SparseVLM, ToMe, VisionZip,
+                      predict_retained_fraction)
 
 __all__ = ["apply", "Handle", "PrefillStats", "LightKV", "Method", "predict_retained_fraction",
-           "SUPPORTED_FAMILIES"]
+           "SUPPORTED_FAMILIES", "ToMe", "Random", "FastV", "PDrop", "DART", "match_budget", "BudgetMatch",
+           "register_budget", "predict_kept_per_layer", "SparseVLM", "VisionZip"]
 __version__ = "0.1.0"

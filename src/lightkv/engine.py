@@ -10,6 +10,10 @@ Sequence bookkeeping at prefill (B rows, N original tokens, M current slots):
   orig_index (B, M): original position of each current slot; valid (B, M): False on padding slots;
   slot_of_orig (B, N): current slot holding (or absorbing) each original token.
 Rows are re-packed with left padding after every stage so the last token of every row stays last.
+
+A stage at layer -1 runs in the pre-hook of decoder layer 0, on the input embeddings: every layer then holds
+the short sequence, so at decode steps the engine supplies position ids (when the caller gives none) and
+builds every layer's mask from causality in original positions and the call's 2-D padding mask.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class PrefillStats:
         (None for a sample without images). mean_retained_fraction: average over samples with images.
     kv_bytes / vision_kv_bytes / uncompressed_kv_bytes: per layer, read from the real cache (keys + values,
         padding slots included in kv_bytes); None when the call ran without a cache.
+    kept_positions: [sample][stage] the vision tokens still present after each stage that ran, as sorted
+        positions among the sample's real (non-padding) input tokens, so they do not depend on batching.
     """
 
     vision_tokens: list[list[int]]
@@ -105,6 +111,7 @@ class PrefillStats:
     vision_kv_bytes: list[int] | None = None
     uncompressed_kv_bytes: list[int] | None = None
     uncompressed_vision_kv_bytes: list[int] | None = None
+    kept_positions: list[list[list[int]]] = field(default_factory=list)
 
     @property
     def kv_ratio(self) -> float | None:
@@ -147,6 +154,13 @@ class StageContext:
         self.grid_rows = layout.grid_rows.gather(1, oi)
         self.grid_cols = layout.grid_cols.gather(1, oi)
         self.grid_hw = layout.grid_hw  # (I, 2)
+        # position of each slot among its row's real input tokens (batch-independent, unlike slot or column)
+        self.input_positions = state.input_position.gather(1, oi)
+        # per-token state a method carries across stages (e.g. ToMe sizes): (B, M) tensors that the engine
+        # gathers at every compaction with the same index as the hidden states; a method may add entries
+        self.token_state: dict[str, torch.Tensor] = state.token_state
+        # whatever the method's own hooks (``Method.install``) left for this call, e.g. vision-encoder scores
+        self.method_state: dict[str, Any] = state.method_state
 
     def image_token_counts(self) -> torch.Tensor:
         """(I,) current number of mergeable patches of each image."""
@@ -186,6 +200,10 @@ class PrefillState:
         self.stage_position_embeddings = None
         self.vision_counts: list[torch.Tensor] = [(layout.vision_mask & self.valid).sum(1)]
         self.token_counts: list[torch.Tensor] = [self.valid.sum(1)]
+        self.token_state: dict[str, torch.Tensor] = {}
+        self.method_state: dict[str, Any] = {}  # filled by the method's own hooks during this call
+        self.input_position = torch.cumsum(self.valid.long(), dim=1) - 1  # (B, N) rank among real tokens
+        self.kept_positions: list[list[list[int]]] = [[] for _ in range(B)]
 
     def attention(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         if "q" not in self.capture or "k" not in self.capture:
@@ -196,9 +214,10 @@ class PrefillState:
 
 
 class DecodeState:
-    def __init__(self, record: SequenceRecord, cache: Any):
+    def __init__(self, record: SequenceRecord, cache: Any, padding_mask: torch.Tensor | None = None):
         self.record = record
         self.cache = cache
+        self.padding_mask = padding_mask  # the call's 2-D attention mask (B, all tokens so far), if any
         self.masks: dict[int, Any] = {}  # segment -> mask of this call
 
 
@@ -221,27 +240,50 @@ class Handle:
         self._records: "weakref.WeakKeyDictionary[Any, SequenceRecord]" = weakref.WeakKeyDictionary()
         self._hooks: list[Any] = []
         self.stats: PrefillStats | None = None
+        # optional overhead timer (lightkv.perf.OverheadTimer or anything with start()/stop(section, start)):
+        # when set, every hook below is timed; None (the default) costs one attribute test per hook call
+        self.timer: Any = None
         self._entry_signature = inspect.signature(adapter.entry_module.forward)
         self._install()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def _install(self) -> None:
         entry = self.adapter.entry_module
-        self._hooks.append(entry.register_forward_pre_hook(self._entry_pre, with_kwargs=True))
-        self._hooks.append(entry.register_forward_hook(self._entry_post, with_kwargs=True, always_call=True))
+        self._hooks.append(entry.register_forward_pre_hook(self._timed("entry", self._entry_pre), with_kwargs=True))
+        self._hooks.append(entry.register_forward_hook(self._timed("entry", self._entry_post), with_kwargs=True,
+                                                       always_call=True))
         layers = self.adapter.decoder_layers
-        for index in range(self.stage_layers[0], self.num_layers):
+        for index in range(max(0, self.stage_layers[0]), self.num_layers):
             layer = layers[index]
-            self._hooks.append(layer.register_forward_pre_hook(self._make_layer_pre(index), with_kwargs=True))
-            self._hooks.append(layer.register_forward_hook(self._make_layer_post(index)))
+            self._hooks.append(layer.register_forward_pre_hook(self._timed("layer_pre", self._make_layer_pre(index)),
+                                                               with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(self._timed("layer_post", self._make_layer_post(index))))
         if self.method.needs_attention:
-            for index in self.stage_layers:
+            for index in (i for i in self.stage_layers if i >= 0):  # a stage -1 has no decoder attention
                 layer = layers[index]
                 self._hooks.append(self.adapter.query_projection(layer).register_forward_hook(
-                    self._make_capture(index, "q")))
+                    self._timed("capture", self._make_capture(index, "q"))))
                 self._hooks.append(self.adapter.key_projection(layer).register_forward_hook(
-                    self._make_capture(index, "k")))
+                    self._timed("capture", self._make_capture(index, "k"))))
+        try:  # last, so that the method's hooks on shared modules (e.g. the entry) run after the engine's
+            self._hooks.extend(self.method.install(self))
+        except BaseException:
+            self.remove()
+            raise
         self.model._lightkv_handle = self
+
+    def _timed(self, section: str, hook):
+        """``hook``, timed into ``self.timer`` under ``section`` while a timer is set."""
+        def timed(*args, **kwargs):
+            timer = self.timer
+            if timer is None:
+                return hook(*args, **kwargs)
+            start = timer.start()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                timer.stop(section, start)
+        return timed
 
     def remove(self) -> None:
         """Remove every hook; the model behaves exactly as before ``apply``."""
@@ -254,6 +296,11 @@ class Handle:
     @property
     def active(self) -> bool:
         return bool(self._hooks)
+
+    def prefill_state(self) -> "PrefillState | None":
+        """State of the prefill in progress in this thread/context (None outside one); for method hooks."""
+        state = self._state.get()
+        return state if isinstance(state, PrefillState) else None
 
     def __enter__(self) -> "Handle":
         return self
@@ -281,7 +328,16 @@ class Handle:
         record = self._records.get(cache) if cache is not None else None
         if layout is None:
             if record is not None:
-                self._state.set(DecodeState(record, cache))
+                padding = call.get("attention_mask")
+                padding = padding if isinstance(padding, torch.Tensor) and padding.dim() == 2 else None
+                self._state.set(DecodeState(record, cache, padding))
+                if 0 in record.layer_segment and call.get("position_ids") is None:
+                    # no layer holds the full prefill (a stage -1), so the model would count positions from a
+                    # short cache: give the new tokens the positions they have in the uncompressed sequence
+                    ref = input_ids if input_ids is not None else inputs_embeds
+                    start = record.prefill_length + _decoded_tokens(record, cache, 0)
+                    positions = torch.arange(start, start + ref.shape[1], device=ref.device)[None]
+                    return args, {**kwargs, "position_ids": positions}
             elif cache is None or cache.get_seq_length() == 0:
                 # a prefill without images: nothing to compress, but stats still describe this call
                 ref = input_ids if input_ids is not None else inputs_embeds
@@ -328,9 +384,11 @@ class Handle:
         seg_of_layer = [min(last, sum(1 for s in self.stage_layers if s < layer)) for layer in range(self.num_layers)]
         vision = [[int(state.vision_counts[seg_of_layer[l]][b]) for l in range(self.num_layers)] for b in range(B)]
         tokens = [[int(state.token_counts[seg_of_layer[l]][b]) for l in range(self.num_layers)] for b in range(B)]
-        retained = [None if row[0] == 0 else sum(row) / (row[0] * self.num_layers) for row in vision]
+        prompt_vision = [int(state.vision_counts[0][b]) for b in range(B)]  # before any stage (-1 cuts layer 0)
+        retained = [None if n == 0 else sum(row) / (n * self.num_layers) for row, n in zip(vision, prompt_vision)]
         with_images = [r for r in retained if r is not None]
-        stats = PrefillStats(vision, tokens, retained, sum(with_images) / len(with_images) if with_images else None)
+        stats = PrefillStats(vision, tokens, retained, sum(with_images) / len(with_images) if with_images else None,
+                             kept_positions=state.kept_positions)
         cache = state.cache
         if cache is not None and hasattr(cache, "layers"):
             kv, vis, full, full_vis = [], [], [], []
@@ -341,7 +399,7 @@ class Handle:
                 kv.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
                 vis.append(per_token * sum(vision[b][l] for b in range(B)))
                 full.append(per_token * B * state.N)
-                full_vis.append(per_token * sum(vision[b][0] for b in range(B)))
+                full_vis.append(per_token * sum(prompt_vision))
             stats.kv_bytes, stats.vision_kv_bytes = kv, vis
             stats.uncompressed_kv_bytes, stats.uncompressed_vision_kv_bytes = full, full_vis
         return stats
@@ -389,6 +447,13 @@ class Handle:
                 raise ValueError(f"lightkv needs a DynamicCache (per-layer lengths), got {type(state.cache).__name__}")
         if state.full_kwargs is None:
             state.full_kwargs = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
+        if index == 0 and -1 in self.stage_of_layer:
+            # a stage before the decoder: shorten the input embeddings, so every layer caches the short sequence
+            hidden = self._run_stage(state, -1, args[0] if args else kwargs["hidden_states"])
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": hidden}
         if state.shortened:
             kwargs = {**kwargs, **state.segment_kwargs}
         if index in self.stage_of_layer:
@@ -403,7 +468,12 @@ class Handle:
         result = self.method.reduce(ctx, stage)
         state.capture, state.capture_layer = {}, None
         keep = result.keep & state.valid  # padding never survives a stage
-        source, valid, new_slot = compact_indices(keep, result.destination)
+        source, valid, new_slot = compact_indices(keep, _destination_of_dropped(keep, result.destination))
+        for name, value in state.token_state.items():
+            if value.shape[:2] != keep.shape:
+                raise ValueError(f"lightkv: token_state[{name!r}] has shape {tuple(value.shape)}, expected "
+                                 f"(batch, current tokens) = {tuple(keep.shape)} at its first two dims")
+            state.token_state[name] = _gather_seq(value, source, dim=1)
         state.orig_index = state.orig_index.gather(1, source)
         state.valid = valid
         state.slot_of_orig = new_slot.gather(1, state.slot_of_orig)
@@ -411,6 +481,10 @@ class Handle:
         state.segments.append((state.orig_index, state.valid))
         state.vision_counts.append((state.layout.vision_mask.gather(1, state.orig_index) & valid).sum(1))
         state.token_counts.append(valid.sum(1))
+        kept_vision = state.layout.vision_mask.gather(1, state.orig_index) & valid
+        positions = state.input_position.gather(1, state.orig_index)
+        for b in range(keep.shape[0]):
+            state.kept_positions[b].append(positions[b][kept_vision[b]].tolist())
         state.segment_kwargs = self._segment_kwargs(state, hidden)
         return _gather_seq(result.hidden, source, dim=1)
 
@@ -471,7 +545,17 @@ class Handle:
         cols = torch.cat([oi, extra], dim=1)  # (B, K) original column of each cache slot of this layer
         col_valid = torch.cat([valid, torch.ones_like(extra, dtype=torch.bool)], dim=1)
         mask = kwargs.get("attention_mask")
-        if mask is None:
+        if 0 in state.record.layer_segment:
+            # no layer holds the full prefill (a stage -1): the model sized its mask from a short cache, so
+            # this layer's mask is built from causality in original positions and the call's 2-D padding mask
+            query_pos = prefill + decoded + torch.arange(q, device=oi.device)
+            allowed = cols[:, None, :] <= query_pos[None, :, None]
+            if state.padding_mask is not None:
+                if state.padding_mask.shape[-1] != total:
+                    raise ValueError(f"lightkv: the attention mask covers {state.padding_mask.shape[-1]} tokens, "
+                                     f"expected {total} (prompt + generated tokens)")
+                allowed = allowed & state.padding_mask.bool().gather(1, cols)[:, None, :]
+        elif mask is None:
             if q == 1 and bool(col_valid.all()):
                 return None
             query_pos = prefill + decoded + torch.arange(q, device=oi.device)
@@ -483,6 +567,23 @@ class Handle:
             allowed = full_allowed.gather(2, cols[:, None, :].expand(B, q, cols.shape[1]))
         allowed = allowed & col_valid[:, None, :]
         return _as_mask(allowed[:, None], mask, self.adapter.attn_implementation(), hidden.dtype)
+
+
+def _destination_of_dropped(keep: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
+    """Destinations (B, M) with every token whose destination is not kept (a pruned token points at itself)
+    sent to the last kept slot before it, or to its row's first kept slot when none precedes it. At full
+    length, the output at a pruned token's position then reads that slot's hidden state."""
+    slots = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    last_kept = torch.cummax(torch.where(keep, slots, -1), dim=1).values
+    first_kept = keep.long().argmax(dim=1, keepdim=True).expand_as(keep)
+    fallback = torch.where(last_kept >= 0, last_kept, first_kept)
+    return torch.where(keep.gather(1, destination), destination, fallback)
+
+
+def _decoded_tokens(record: SequenceRecord, cache: Any, layer: int) -> int:
+    """Tokens appended to shortened ``layer``'s cache after the compressed prefill (before the current call)."""
+    orig_index, _ = record.segments[record.layer_segment[layer]]
+    return cache.layers[layer].get_seq_length() - orig_index.shape[1]
 
 
 def _is_dynamic(cache: Any) -> bool:

@@ -77,6 +77,56 @@ class Adapter:
         """Locate the vision tokens of a prefill call; None when the prompt has none."""
         raise NotImplementedError
 
+    # -- vision encoder (for methods that act before the decoder, e.g. VisionZip) ---------------------------
+    def vision_tower(self) -> nn.Module | None:
+        """The vision encoder whose features become the image tokens; None when the adapter cannot give it."""
+        return None
+
+    def vision_feature_layer(self) -> int | list[int] | None:
+        """Index into the vision encoder's hidden states (0 = embeddings, -1 = last layer) of the features."""
+        return None
+
+    def vision_encoder_layers(self) -> nn.ModuleList | None:
+        """The vision encoder's transformer layers (CLIP / SigLIP layout: ``encoder.layers``), or None."""
+        tower = self.vision_tower()
+        for owner in (tower, getattr(tower, "vision_model", None)):
+            layers = getattr(getattr(owner, "encoder", None), "layers", None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+        return None
+
+    def has_cls_token(self) -> bool:
+        """Whether the vision encoder prepends a CLS token to the patches (CLIP does, SigLIP does not)."""
+        tower = self.vision_tower()
+        for owner in (tower, getattr(tower, "vision_model", None)):
+            embeddings = getattr(owner, "embeddings", None)
+            if getattr(embeddings, "class_embedding", None) is not None:
+                return True
+        return False
+
+    def vision_feature_attention(self) -> nn.Module:
+        """Self-attention module of the vision encoder layer whose output are the image features.
+
+        Raises ValueError when there is none: no vision encoder known to the adapter, several feature layers,
+        or features taken from the patch embeddings (before any attention).
+        """
+        layers = self.vision_encoder_layers()
+        if layers is None:
+            raise ValueError(f"lightkv: the {self.family or type(self.model).__name__} adapter cannot locate the "
+                             "vision encoder's layers")
+        feature_layer = self.vision_feature_layer()
+        if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+            raise ValueError(f"lightkv: needs a single vision feature layer, the model uses {feature_layer!r}")
+        n = len(layers)
+        if not -(n + 1) <= feature_layer <= n:
+            raise ValueError(f"lightkv: vision feature layer {feature_layer} is out of range for a vision encoder "
+                             f"of {n} layers")
+        hidden_index = feature_layer % (n + 1)  # hidden_states[0] are the embeddings, [i] the output of layer i-1
+        if hidden_index == 0:
+            raise ValueError("lightkv: the image features are the vision encoder's patch embeddings (feature layer "
+                             f"{feature_layer}), which no attention layer produced")
+        return layers[hidden_index - 1].self_attn
+
     # -- attention pieces for guidance ----------------------------------------------------------------------
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn

@@ -22,6 +22,12 @@ class LlavaAdapter(Adapter):
     def language_model(self) -> nn.Module:
         return self.entry_module.language_model
 
+    def vision_tower(self) -> nn.Module | None:
+        return getattr(self.entry_module, "vision_tower", None)
+
+    def vision_feature_layer(self) -> int | list[int] | None:
+        return self.model.config.vision_feature_layer
+
     def grid_size(self) -> tuple[int, int]:
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
@@ -42,7 +48,7 @@ class LlavaAdapter(Adapter):
 
         strategy = call_kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         grid_h, grid_w = self.grid_size()
-        has_cls = strategy == "full"
+        has_cls = strategy == "full" and self.has_cls_token()  # "full" keeps every encoder token, a CLS if any
         per_image = grid_h * grid_w + int(has_cls)
 
         # Every run of consecutive image tokens must hold whole images.
