@@ -344,3 +344,23 @@ def test_two_models_and_threads_do_not_share_state():
     for name, ref in (("a", ref_a), ("b", ref_b), ("a2", ref_a)):
         for seq in results[name]:
             assert torch.equal(seq, ref)
+
+
+def test_merge_maps_point_at_kept_tokens_of_the_same_window(sdpa_model):
+    inputs = one_image(sdpa_model)
+    first = 4  # text_before has 4 tokens
+    with lightkv.apply(sdpa_model, lightkv.LightKV(**SCHEDULE)) as handle, torch.no_grad():
+        sdpa_model(**inputs)
+    stage1, stage2 = handle.stats.merge_maps
+    n = inputs["input_ids"].shape[1]
+    text = torch.tensor([i for i in range(n) if not first <= i < first + GRID_TOKENS])
+    assert torch.equal(stage1[0, text], text) and torch.equal(stage2[0, text], text)
+    patches = torch.arange(first, first + GRID_TOKENS)
+    rep1 = stage1[0, patches]
+    assert int((rep1 == patches).sum()) == 128  # kept tokens represent themselves
+    # stage 1 uses 2x2 windows of 8x8 patches: a token merges only inside its window
+    window = lambda p: ((p - first) // 16 // 8) * 2 + ((p - first) % 16) // 8  # noqa: E731
+    assert torch.equal(window(rep1), window(patches))
+    # representatives after stage 2 are kept tokens of stage 2, and compose with stage 1
+    assert int((stage2[0, patches] == patches).sum()) == 64
+    assert torch.equal(stage2[0, patches], stage2[0, rep1])

@@ -101,6 +101,8 @@ class PrefillStats:
         padding slots included in kv_bytes); None when the call ran without a cache.
     kept_positions: [sample][stage] the vision tokens still present after each stage that ran, as sorted
         positions among the sample's real (non-padding) input tokens, so they do not depend on batching.
+    merge_maps: [stage] (B, N) long tensors: for every input position of the call (padding included), the input
+        position of the token it lives in after that stage (itself when kept, its destination when merged).
     """
 
     vision_tokens: list[list[int]]
@@ -112,6 +114,7 @@ class PrefillStats:
     uncompressed_kv_bytes: list[int] | None = None
     uncompressed_vision_kv_bytes: list[int] | None = None
     kept_positions: list[list[list[int]]] = field(default_factory=list)
+    merge_maps: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def kv_ratio(self) -> float | None:
@@ -204,6 +207,7 @@ class PrefillState:
         self.method_state: dict[str, Any] = {}  # filled by the method's own hooks during this call
         self.input_position = torch.cumsum(self.valid.long(), dim=1) - 1  # (B, N) rank among real tokens
         self.kept_positions: list[list[list[int]]] = [[] for _ in range(B)]
+        self.merge_maps: list[torch.Tensor] = []
 
     def attention(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         if "q" not in self.capture or "k" not in self.capture:
@@ -388,7 +392,7 @@ class Handle:
         retained = [None if n == 0 else sum(row) / (n * self.num_layers) for row, n in zip(vision, prompt_vision)]
         with_images = [r for r in retained if r is not None]
         stats = PrefillStats(vision, tokens, retained, sum(with_images) / len(with_images) if with_images else None,
-                             kept_positions=state.kept_positions)
+                             kept_positions=state.kept_positions, merge_maps=state.merge_maps)
         cache = state.cache
         if cache is not None and hasattr(cache, "layers"):
             kv, vis, full, full_vis = [], [], [], []
@@ -477,6 +481,7 @@ class Handle:
         state.orig_index = state.orig_index.gather(1, source)
         state.valid = valid
         state.slot_of_orig = new_slot.gather(1, state.slot_of_orig)
+        state.merge_maps.append(state.orig_index.gather(1, state.slot_of_orig))
         state.shortened = True
         state.segments.append((state.orig_index, state.valid))
         state.vision_counts.append((state.layout.vision_mask.gather(1, state.orig_index) & valid).sum(1))
