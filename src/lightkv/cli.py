@@ -58,12 +58,44 @@ def _demo_random(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run LightKV on a model built locally and print what it saves")
-    demo.add_argument("--out", default=None, help="folder for results.json")
-    demo.add_argument("--repeats", type=int, default=5)
+    demo = sub.add_parser("demo", help="the bundled model, uncompressed and with LightKV at ~55%% and ~30%%")
+    demo.add_argument("--out", default=None, help="folder for results.json, results.md and the pictures")
+    demo.add_argument("--model", default=None, help="a model folder saved with save_pretrained (default: bundled)")
+    demo.add_argument("--per-family", type=int, default=60, help="test questions per question family")
+    demo.add_argument("--random", action="store_true",
+                      help="instead: cache shapes and timing on a random-weight model (no trained model needed)")
+    demo.add_argument("--repeats", type=int, default=5, help="timing repetitions (with --random)")
+    compare = sub.add_parser("compare", help="all methods at matched KV budgets on the bundled model")
+    compare.add_argument("--methods", default="lightkv,tome,random,fastv,pdrop,sparsevlm,visionzip,dart")
+    compare.add_argument("--budgets", default="0.55,0.35,0.20")
+    compare.add_argument("--out", default="out/compare")
+    compare.add_argument("--model", default=None)
+    compare.add_argument("--per-family", type=int, default=100)
+    bench = sub.add_parser("bench", help="measure KV bytes, FLOPs, prefill time, decode throughput, peak memory "
+                                         "and overhead against the uncompressed model (lightkv.perf)")
+    from lightkv.perf.bench import add_arguments as _bench_arguments
+
+    _bench_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return _demo_random(args)
+        if args.random:
+            return _demo_random(args)
+        from lightkv.evaluation.demo import run_demo
+        from lightkv.evaluation.tiny_model import BUNDLED_MODEL
+
+        return run_demo(args.out, args.model or BUNDLED_MODEL, per_family=args.per_family)
+    if args.command == "compare":
+        from lightkv.evaluation.compare import run_compare
+        from lightkv.evaluation.tiny_model import BUNDLED_MODEL
+
+        run_compare([m.strip() for m in args.methods.split(",") if m.strip()],
+                    [float(b) for b in args.budgets.split(",")], args.out, args.model or BUNDLED_MODEL,
+                    per_family=args.per_family)
+        return 0
+    if args.command == "bench":
+        from lightkv.perf.bench import main as bench_main
+
+        return bench_main(args)
     return 2
 
 

@@ -1,0 +1,192 @@
+"""Evaluation harness: run a method over a split of the shapes QA set, batched, and report accuracy and cost.
+
+Answers are one word, and one word is one token of the bundled model's word-level tokenizer, so the answer
+is the greedy first token after the prompt (``model(...)`` with ``logits_to_keep=1``, which is exactly what
+``generate`` would pick first); the prefill is where every compression method acts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine import apply
+from ..methods import Method
+from .shapes import CHANCE, FAMILIES, Question, Scene, make_split
+from .tiny_model import BUNDLED_MODEL, format_prompt
+
+__all__ = ["load_model", "test_items", "Result", "evaluate", "write_results", "markdown_table"]
+
+
+def load_model(path: str | Path = BUNDLED_MODEL, attn_implementation: str = "sdpa"):
+    """Load a model saved with ``save_pretrained`` (offline) and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no model at {path}; train one with scripts/train_tiny_llava.py")
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation)
+    return model.eval(), processor
+
+
+def test_items(num_per_family: int = 100, split: str = "test") -> list[tuple[Scene, Question]]:
+    """A family-balanced list of (scene, question): one question per image, families in turn."""
+    from .shapes import make_questions, make_scene, SPLIT_SEEDS
+    import numpy as np
+
+    items: list[tuple[Scene, Question]] = []
+    counts = {f: 0 for f in FAMILIES}
+    seed = SPLIT_SEEDS[split]
+    while min(counts.values()) < num_per_family:
+        rng = np.random.default_rng(seed)
+        seed += 1
+        scene = make_scene(rng)
+        family = FAMILIES[len(items) % len(FAMILIES)]
+        if counts[family] >= num_per_family:
+            family = min(counts, key=counts.get)
+        qs = make_questions(scene, rng, 1, families=(family,))
+        if qs:
+            items.append((scene, qs[0]))
+            counts[family] += 1
+    return items
+
+
+@dataclass
+class Result:
+    method: str
+    budget: float | None
+    retained_fraction: float
+    accuracy: float
+    loyalty: float | None
+    per_family: dict[str, float]
+    vision_kv_ratio: float
+    total_kv_ratio: float
+    flops_ratio: float | None
+    wall_s: float
+    params: dict[str, Any] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list, repr=False)
+
+    def row(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "answers"}
+        return out
+
+
+@torch.no_grad()
+def evaluate(model, processor, method: Method | None, items: list[tuple[Scene, Question]], *, name: str | None = None,
+             budget: float | None = None, reference: list[str] | None = None, batch_size: int = 25,
+             progress: bool = True, flops_fn=None) -> Result:
+    """Accuracy, loyalty (agreement with ``reference`` answers) and cache statistics of ``method`` on ``items``.
+
+    flops_fn(stats, batch) -> (method_flops, uncompressed_flops), optional, for the prefill FLOPs ratio.
+    """
+    from tqdm.auto import tqdm
+
+    tokenizer = processor.tokenizer
+    handle = apply(model, method) if method is not None else None
+    answers: list[str] = []
+    retained: list[float] = []
+    vis_kv = vis_full = kv = kv_full = 0
+    flops = flops_full = 0.0
+    start = time.perf_counter()
+    try:
+        bar = tqdm(range(0, len(items), batch_size), desc=name or "none", disable=not progress, leave=False)
+        for i in bar:
+            chunk = items[i : i + batch_size]
+            inputs = processor(images=[s.image for s, _ in chunk], text=[format_prompt(q.question) for _, q in chunk],
+                               return_tensors="pt", padding=True)
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            answers += tokenizer.convert_ids_to_tokens(out.logits[:, -1].argmax(-1).tolist())
+            if handle is not None:
+                stats = handle.stats
+                retained += [r for r in stats.retained_fraction if r is not None]
+                vis_kv += sum(stats.vision_kv_bytes)
+                vis_full += sum(stats.uncompressed_vision_kv_bytes)
+                kv += sum(stats.kv_bytes)
+                kv_full += sum(stats.uncompressed_kv_bytes)
+                if flops_fn is not None:
+                    f, f_full = flops_fn(model, stats)
+                    flops, flops_full = flops + f, flops_full + f_full
+            else:
+                retained += [1.0] * len(chunk)
+    finally:
+        if handle is not None:
+            handle.remove()
+    wall = time.perf_counter() - start
+    correct = [a == q.answer for a, (_, q) in zip(answers, items)]
+    per_family = {}
+    for f in FAMILIES:
+        idx = [j for j, (_, q) in enumerate(items) if q.family == f]
+        per_family[f] = sum(correct[j] for j in idx) / max(1, len(idx))
+    loyalty = None if reference is None else sum(a == r for a, r in zip(answers, reference)) / len(answers)
+    return Result(
+        method=name or ("none" if method is None else type(method).__name__.lower()),
+        budget=budget, retained_fraction=sum(retained) / max(1, len(retained)),
+        accuracy=sum(correct) / len(correct), loyalty=loyalty, per_family=per_family,
+        vision_kv_ratio=vis_kv / vis_full if vis_full else 1.0, total_kv_ratio=kv / kv_full if kv_full else 1.0,
+        flops_ratio=(flops / flops_full) if flops_full else (1.0 if method is None else None), wall_s=wall,
+        params={} if method is None else {k: (list(v) if isinstance(v, tuple) else v)
+                                          for k, v in method.__dict__.items()},
+        answers=answers)
+
+
+def markdown_table(results: list[Result]) -> str:
+    head = ("| method | budget | retained | accuracy | loyalty | " + " | ".join(FAMILIES)
+            + " | vision KV | total KV | FLOPs | wall s |")
+    sep = "|" + "---|" * (10 + len(FAMILIES) - 1)
+    lines = [head, sep]
+    for r in results:
+        fam = " | ".join(f"{100 * r.per_family[f]:.1f}" for f in FAMILIES)
+        loyalty = "-" if r.loyalty is None else f"{100 * r.loyalty:.1f}"
+        flops = "-" if r.flops_ratio is None else f"{r.flops_ratio:.3f}"
+        budget = "-" if r.budget is None else f"{r.budget:.2f}"
+        lines.append(f"| {r.method} | {budget} | {r.retained_fraction:.3f} | {100 * r.accuracy:.1f} | {loyalty} | "
+                     f"{fam} | {r.vision_kv_ratio:.3f} | {r.total_kv_ratio:.3f} | {flops} | {r.wall_s:.1f} |")
+    chance = " | ".join(f"{100 * CHANCE[f]:.1f}" for f in FAMILIES)
+    lines.append(f"| chance | - | - | - | - | {chance} | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def write_results(results: list[Result], out: str | Path, title: str = "results") -> None:
+    """results.json (rows), results.md (table) and accuracy-vs-budget plot in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([r.row() for r in results], indent=1))
+    (out / "results.md").write_text(markdown_table(results) + "\n")
+    plot_accuracy(results, out / "accuracy_vs_budget.png", title)
+
+
+def plot_accuracy(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        key = r.method.split("@")[0]
+        groups.setdefault(key, []).append(r)
+    base = next((r for r in results if r.method == "none"), None)
+    for key, rs in groups.items():
+        if key == "none":
+            continue
+        pts = sorted(rs, key=lambda r: r.retained_fraction)
+        if base is not None:
+            pts = pts + [base]
+        ax.plot([r.retained_fraction for r in pts], [100 * r.accuracy for r in pts], marker="o", label=key)
+    if base is not None:
+        ax.axhline(100 * base.accuracy, color="gray", ls="--", lw=1, label="uncompressed")
+    ax.set_xlabel("average retained vision fraction (over layers)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
