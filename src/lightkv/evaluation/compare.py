@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..budget import budget_methods, match_budget
-from .harness import Result, evaluate, load_model, markdown_table, test_items, write_results
+from .harness import Result, analytic_flops, evaluate, load_model, markdown_table, question_set, write_results
 from .tiny_model import BUNDLED_MODEL
 
 __all__ = ["run_compare"]
@@ -25,7 +25,7 @@ def run_compare(methods: list[str], budgets: list[float], out: str | Path, model
     model, processor = load_model(model_path)
     num_layers = model.config.text_config.num_hidden_layers
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    items = test_items(per_family)
+    items = question_set(per_family)
     print(f"{model_path}: {num_layers} decoder layers, {side}x{side} vision tokens; {len(items)} test questions")
     base = evaluate(model, processor, None, items, name="none", batch_size=batch_size, progress=progress)
     base.loyalty = 1.0
@@ -34,7 +34,8 @@ def run_compare(methods: list[str], budgets: list[float], out: str | Path, model
         for target in budgets:
             match = match_budget(name, target, num_layers, (side, side))
             r = evaluate(model, processor, match.method, items, name=f"{name}@{target:.2f}", budget=target,
-                         reference=base.answers, batch_size=batch_size, progress=progress)
+                         reference=base.answers, batch_size=batch_size, progress=progress,
+                         flops_fn=analytic_flops(model))
             r.params["predicted_fraction"] = match.retained_fraction
             results.append(r)
             print(f"  {r.method:18} retained {r.retained_fraction:.3f}  accuracy {100 * r.accuracy:5.1f}  "

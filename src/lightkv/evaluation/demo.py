@@ -12,7 +12,7 @@ import torch
 
 from ..budget import match_budget
 from ..methods import LightKV
-from .harness import evaluate, load_model, markdown_table, test_items, write_results
+from .harness import analytic_flops, evaluate, load_model, markdown_table, question_set, write_results
 from .tiny_model import BUNDLED_MODEL, format_prompt
 
 __all__ = ["run_demo", "lightkv_schedule", "merge_map_figure"]
@@ -75,7 +75,7 @@ def run_demo(out: str | Path | None, model_path: str | Path = BUNDLED_MODEL, per
     model, processor = load_model(model_path)
     num_layers = model.config.text_config.num_hidden_layers
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    items = test_items(per_family)
+    items = question_set(per_family)
     print(f"bundled model: {model_path} ({num_layers} decoder layers, {side}x{side} vision tokens); "
           f"{len(items)} test questions ({per_family} per family)")
     results = [evaluate(model, processor, None, items, name="none", batch_size=batch_size)]
@@ -84,12 +84,12 @@ def run_demo(out: str | Path | None, model_path: str | Path = BUNDLED_MODEL, per
         method = lightkv_schedule(num_layers, (side, side), target)
         name = f"lightkv@{target:.2f}"
         results.append(evaluate(model, processor, method, items, name=name, budget=target, reference=reference,
-                                batch_size=batch_size))
+                                batch_size=batch_size, flops_fn=analytic_flops(model)))
         print(f"  {name}: layers {list(method.layers)} windows {list(method.windows)} ratios {list(method.ratios)}")
     results[0].loyalty = 1.0
     print(markdown_table(results))
     base = results[0].accuracy
-    for r in results[1:]:
+    for r in results[1:] if base > 0 else []:
         print(f"{r.method}: keeps {100 * r.accuracy / base:.1f}% of the uncompressed accuracy at "
               f"{r.retained_fraction:.3f} retained vision tokens (vision KV {r.vision_kv_ratio:.3f})")
     if out is not None:

@@ -20,7 +20,7 @@ from ..methods import Method
 from .shapes import CHANCE, FAMILIES, Question, Scene, make_split
 from .tiny_model import BUNDLED_MODEL, format_prompt
 
-__all__ = ["load_model", "test_items", "Result", "evaluate", "write_results", "markdown_table"]
+__all__ = ["load_model", "question_set", "Result", "evaluate", "write_results", "markdown_table", "analytic_flops"]
 
 
 def load_model(path: str | Path = BUNDLED_MODEL, attn_implementation: str = "sdpa"):
@@ -35,7 +35,7 @@ def load_model(path: str | Path = BUNDLED_MODEL, attn_implementation: str = "sdp
     return model.eval(), processor
 
 
-def test_items(num_per_family: int = 100, split: str = "test") -> list[tuple[Scene, Question]]:
+def question_set(num_per_family: int = 100, split: str = "test") -> list[tuple[Scene, Question]]:
     """A family-balanced list of (scene, question): one question per image, families in turn."""
     from .shapes import make_questions, make_scene, SPLIT_SEEDS
     import numpy as np
@@ -55,6 +55,35 @@ def test_items(num_per_family: int = 100, split: str = "test") -> list[tuple[Sce
             items.append((scene, qs[0]))
             counts[family] += 1
     return items
+
+
+def analytic_flops(model):
+    """A ``flops_fn`` for ``evaluate``: analytic prefill FLOPs (lightkv.perf) of the run and of the uncompressed
+    model, from the per-layer token counts the run reports and the model's config."""
+    from types import SimpleNamespace
+
+    from ..perf.analytic import profile_from_stats
+    from ..perf.specs import dims_from_config
+
+    dims = dims_from_config(model.config, "llava")
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    spec = SimpleNamespace(dims=lambda depth=None: dims, grid=lambda: (side, side))  # what profile_from_stats reads
+    image_token = model.config.image_token_id
+
+    def flops_fn(method, stats, inputs):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        is_image = (ids == image_token) & mask
+        images = [1 if bool(row.any()) else 0 for row in is_image]
+        last_image = torch.where(is_image.any(1), is_image.long().cumsum(1).argmax(1), 0)
+        text_after = [int((mask[b] & ~is_image[b])[int(last_image[b]) + 1:].sum()) for b in range(len(ids))]
+        L = len(stats.tokens[0])
+        full = SimpleNamespace(tokens=[[int(n)] * L for n in mask.sum(1)],
+                               vision_tokens=[[int(v)] * L for v in is_image.sum(1)])
+        ours = profile_from_stats(spec, method, stats, images, text_after, dtype_bytes=4).flops.total
+        base = profile_from_stats(spec, None, full, images, text_after, dtype_bytes=4).flops.total
+        return ours, base
+
+    return flops_fn
 
 
 @dataclass
@@ -83,7 +112,8 @@ def evaluate(model, processor, method: Method | None, items: list[tuple[Scene, Q
              progress: bool = True, flops_fn=None) -> Result:
     """Accuracy, loyalty (agreement with ``reference`` answers) and cache statistics of ``method`` on ``items``.
 
-    flops_fn(stats, batch) -> (method_flops, uncompressed_flops), optional, for the prefill FLOPs ratio.
+    flops_fn(method, stats, inputs) -> (method_flops, uncompressed_flops), optional, for the prefill FLOPs
+    ratio (``analytic_flops(model)`` builds one from the config).
     """
     from tqdm.auto import tqdm
 
@@ -110,7 +140,7 @@ def evaluate(model, processor, method: Method | None, items: list[tuple[Scene, Q
                 kv += sum(stats.kv_bytes)
                 kv_full += sum(stats.uncompressed_kv_bytes)
                 if flops_fn is not None:
-                    f, f_full = flops_fn(model, stats)
+                    f, f_full = flops_fn(method, stats, inputs)
                     flops, flops_full = flops + f, flops_full + f_full
             else:
                 retained += [1.0] * len(chunk)
