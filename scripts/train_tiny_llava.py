@@ -2,8 +2,8 @@
 
     python scripts/train_tiny_llava.py --out models/tiny-llava-shapes
 
-Each training sequence is one image followed by several question/answer turns; the loss covers the answer
-words and the closing </s>. The weights are saved as fp32 safetensors (about 16 MB).
+Each training sequence is one image followed by several question/answer turns (half of them also hold a
+dense caption turn, "describe the image"); the loss covers the answer words and the closing </s>. The weights are saved as fp32 safetensors (about 16 MB).
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightkv.evaluation.shapes import FAMILIES, make_questions, make_scene, SPLIT_SEEDS, make_split
+from lightkv.evaluation.shapes import FAMILIES, SPLIT_SEEDS, describe, make_questions, make_scene, make_split
 from lightkv.evaluation.tiny_model import build_config, build_processor
 
 
 def encode_sequence(tokenizer, image_token_id, n_image_tokens, qas):
-    """input ids and labels for '<s> USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ...'."""
+    """input ids and labels for '<s> USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ...' (answers may be
+    several words: the dense caption turn)."""
     tok = tokenizer.convert_tokens_to_ids
     ids, labels = [tok("<s>")], [-100]
-    for i, qa in enumerate(qas):
-        words = ["USER:"] + (["<image>"] if i == 0 else []) + qa.question.split() + ["ASSISTANT:"]
+    for i, (question, answer) in enumerate(qas):
+        words = ["USER:"] + (["<image>"] if i == 0 else []) + question.split() + ["ASSISTANT:"]
         for w in words:
             if w == "<image>":
                 ids += [image_token_id] * n_image_tokens
@@ -34,19 +35,24 @@ def encode_sequence(tokenizer, image_token_id, n_image_tokens, qas):
             else:
                 ids.append(tok(w))
                 labels.append(-100)
-        ids += [tok(qa.answer), tok("</s>")]
-        labels += [tok(qa.answer), tok("</s>")]
+        answer_ids = [tok(w) for w in answer.split()] + [tok("</s>")]
+        ids += answer_ids
+        labels += answer_ids
     return ids, labels
 
 
-def make_batch(processor, config, rng, batch_size, max_qas):
+def make_batch(processor, config, rng, batch_size, max_qas, caption_rate=0.5):
     tokenizer = processor.tokenizer
     n_img = config.image_seq_length
     images, seqs = [], []
     for _ in range(batch_size):
         scene = make_scene(rng)
         count = int(rng.integers(1, max_qas + 1))
-        qas = make_questions(scene, rng, count)
+        qas = [(q.question, q.answer) for q in make_questions(scene, rng, count)]
+        if rng.random() < caption_rate:
+            # a dense caption turn (every object's attributes and quadrant) at a random place in the sequence:
+            # far more supervision per image than one-word answers, so the vision tower learns to see sooner
+            qas.insert(int(rng.integers(len(qas) + 1)), ("describe the image", describe(scene)))
         images.append(scene.image)
         seqs.append(encode_sequence(tokenizer, config.image_token_id, n_img, qas))
     length = max(len(s[0]) for s in seqs)
@@ -96,6 +102,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-images", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--caption-rate", type=float, default=0.5, help="share of sequences with a caption turn")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -129,7 +136,7 @@ def main():
     start = time.time()
     running = None
     for step in range(1, args.steps + 1):
-        batch = make_batch(processor, config, rng, args.batch_size, args.max_qas)
+        batch = make_batch(processor, config, rng, args.batch_size, args.max_qas, args.caption_rate)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -144,3 +144,10 @@ def test_demo_command_on_a_checkpoint(tiny_checkpoint, tmp_path):
                                                          .retained_fraction)
     assert abs(rows[1]["retained_fraction"] - 0.55) < 0.01
     assert (tmp_path / "merge_maps.png").stat().st_size > 0
+
+
+def test_caption_names_every_object_once():
+    for scene, _ in shapes.make_split("train", 20, 0):
+        parts = [p.split() for p in shapes.describe(scene).split(" ; ")]
+        assert sorted((p[0], p[1], p[2]) for p in parts) == sorted((o.size, o.color, o.shape) for o in scene.objects)
+        assert all(p[3] in shapes.QUADRANTS for p in parts)

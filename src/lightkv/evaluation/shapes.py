@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "COLORS", "SIZES", "FAMILIES", "CHANCE", "Scene", "Question", "make_scene",
+__all__ = ["SHAPES", "COLORS", "SIZES", "FAMILIES", "CHANCE", "Scene", "Question", "make_scene", "describe",
            "make_questions", "make_split", "vocabulary", "IMAGE_SIZE", "SPLIT_SEEDS"]
 
 IMAGE_SIZE = 64
@@ -176,6 +176,13 @@ def _question(family: str, scene: Scene, rng: np.random.Generator) -> Question |
     raise ValueError(f"unknown family {family!r}; families are {FAMILIES}")
 
 
+def describe(scene: Scene) -> str:
+    """A dense caption used as an extra training turn: every object's size, color, shape and quadrant,
+    in reading order (top to bottom, then left to right by quadrant)."""
+    order = sorted(scene.objects, key=lambda o: (o.y >= IMAGE_SIZE / 2, o.x >= IMAGE_SIZE / 2, o.y, o.x))
+    return " ; ".join(f"{o.size} {o.color} {o.shape} {_quadrant(o)}" for o in order)
+
+
 def make_questions(scene: Scene, rng: np.random.Generator, count: int,
                    families: tuple[str, ...] = FAMILIES) -> list[Question]:
     """Up to ``count`` distinct questions about a scene, families drawn uniformly (retrying the invalid)."""
@@ -207,7 +214,7 @@ def make_split(split: str, num_images: int, questions_per_image: int = 1, start:
 def vocabulary() -> list[str]:
     """Every word questions, answers and the chat template can use."""
     words = {"what", "color", "is", "the", "shape", "object", "size", "there", "a", "how", "many", "objects",
-             "are", "where", "relative", "to", "?", "USER:", "ASSISTANT:"}
+             "are", "where", "relative", "to", "?", "USER:", "ASSISTANT:", "describe", "image", ";"}
     words |= set(SHAPES) | set(COLORS) | set(SIZES) | set(COUNT_WORDS) | set(RELATIONS) | set(QUADRANTS)
     words |= {"yes", "no"}
     return sorted(words)
