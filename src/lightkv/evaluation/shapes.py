@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "COLORS", "SIZES", "FAMILIES", "CHANCE", "Scene", "Question", "make_scene", "describe",
+__all__ = ["SHAPES", "COLORS", "SIZES", "FAMILIES", "CHANCE", "Scene", "Question", "make_scene", "describe", "object_mask",
            "make_questions", "make_split", "vocabulary", "IMAGE_SIZE", "SPLIT_SEEDS"]
 
 IMAGE_SIZE = 64
@@ -80,10 +80,10 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
+def _draw(draw: ImageDraw.ImageDraw, obj: Obj, fill=None) -> None:
     r = SIZES[obj.size] / 2
     x, y = obj.x, obj.y
-    fill = COLORS[obj.color]
+    fill = COLORS[obj.color] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif obj.shape == "square":
@@ -120,6 +120,15 @@ def make_scene(rng: np.random.Generator) -> Scene:
     for obj in objects:
         _draw(draw, obj)
     return Scene(objects, image)
+
+
+def object_mask(scene: Scene) -> np.ndarray:
+    """(IMAGE_SIZE, IMAGE_SIZE) uint8: 0 on background, i + 1 where object i was drawn (later objects on top)."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for i, obj in enumerate(scene.objects):
+        _draw(draw, obj, fill=i + 1)
+    return np.asarray(mask)
 
 
 def _relation(a: Obj, b: Obj) -> str | None:
