@@ -170,7 +170,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    running = None
+    running = aux_running = None
     for step in range(1, args.steps + 1):
         batch, patch_labels = make_batch(processor, config, rng, args.batch_size, args.max_qas, args.caption_rate)
         lm_loss = model(**batch).loss

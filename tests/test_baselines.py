@@ -12,10 +12,11 @@ from lightkv.budget import place_layers
 from lightkv.core import MergeResult
 from lightkv.engine import _destination_of_dropped
 from lightkv.methods.tome import SIZE_KEY
-from lightkv.testing import batch_prompts, llava_prompt, tiny_llava
+from lightkv.testing import batch_prompts, tiny_llava
+
+from helpers import TEXT_AFTER, TEXT_BEFORE, generate, mixed_prompts, one_image, run
 
 N_LAYERS, GRID, NV = 4, 8, 64  # decoder layers, image grid side, vision tokens per image
-TEXT_BEFORE, TEXT_AFTER = [1, 10, 11, 12], [20, 21, 22, 23, 24]
 VISION = list(range(4, 4 + NV))  # positions of the image tokens in `one_image`
 
 # name -> (method, vision tokens per layer for one 8x8 image, vision tokens after each stage)
@@ -43,15 +44,6 @@ def make(name, ratio=None):
     return factory(ratio=ratio)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, busy CPU they cost a lot of waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def model(request):
     return tiny_llava(num_layers=N_LAYERS, grid=GRID, attn_implementation=request.param)
@@ -60,30 +52,6 @@ def model(request):
 @pytest.fixture(scope="module")
 def eager_model():
     return tiny_llava(num_layers=N_LAYERS, grid=GRID, attn_implementation="eager")
-
-
-def one_image(model, seed=1):
-    return llava_prompt(model, TEXT_BEFORE, TEXT_AFTER, seed=seed)
-
-
-def mixed_prompts(model):
-    """One image, two images, no image."""
-    return [
-        llava_prompt(model, TEXT_BEFORE, TEXT_AFTER, seed=1),
-        llava_prompt(model, [1, 13], [25, 26, 27], num_images=2, seed=2),
-        llava_prompt(model, [1, 14, 15, 16, 17, 18, 19], [28, 29], num_images=0, seed=3),
-    ]
-
-
-def generate(model, inputs, **kwargs):
-    return model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, **kwargs)
-
-
-def run(model, method, inputs, **kwargs):
-    with lightkv.apply(model, method) as handle, torch.no_grad():
-        out = model(**inputs, **kwargs)
-    return out, handle.stats
 
 
 # -- counts and budgets -------------------------------------------------------------------------------------------

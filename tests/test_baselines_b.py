@@ -7,10 +7,11 @@ import torch
 
 import lightkv
 from lightkv.methods.sparsevlm import rater_scores
-from lightkv.testing import batch_prompts, llava_prompt, tiny_llava
+from lightkv.testing import batch_prompts, tiny_llava
+
+from helpers import TEXT_AFTER, TEXT_BEFORE, generate, hook_counts, mixed_prompts, one_image, run
 
 N_LAYERS, GRID = 4, 16
-TEXT_BEFORE, TEXT_AFTER = [1, 10, 11, 12], [20, 21, 22, 23, 24]
 VISION = list(range(4, 4 + GRID * GRID))  # positions of the image tokens in `one_image`
 
 # name -> (method, vision tokens per layer for one 16x16 image, vision tokens after each stage)
@@ -31,34 +32,6 @@ def model(request):
 @pytest.fixture(scope="module")
 def eager_model():
     return tiny_llava(num_layers=N_LAYERS, grid=GRID, attn_implementation="eager")
-
-
-def one_image(model, seed=1):
-    return llava_prompt(model, TEXT_BEFORE, TEXT_AFTER, seed=seed)
-
-
-def mixed_prompts(model):
-    """One image, two images, no image."""
-    return [
-        llava_prompt(model, TEXT_BEFORE, TEXT_AFTER, seed=1),
-        llava_prompt(model, [1, 13], [25, 26, 27], num_images=2, seed=2),
-        llava_prompt(model, [1, 14, 15, 16, 17, 18, 19], [28, 29], num_images=0, seed=3),
-    ]
-
-
-def generate(model, inputs, **kwargs):
-    return model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, **kwargs)
-
-
-def run(model, method, inputs, **kwargs):
-    with lightkv.apply(model, method) as handle, torch.no_grad():
-        out = model(**inputs, **kwargs)
-    return out, handle.stats
-
-
-def hook_counts(model):
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
 
 def top_k(scores, positions, k):

@@ -9,6 +9,8 @@ import torch
 import lightkv
 from lightkv.testing import batch_prompts, llava_prompt, tiny_llava
 
+from helpers import hook_counts
+
 SCHEDULE = dict(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5])
 GRID_TOKENS = 256
 
@@ -41,10 +43,6 @@ def generate(model, inputs, **kwargs):
     kwargs.setdefault("do_sample", False)
     return model.generate(**inputs, output_logits=True, return_dict_in_generate=True, **kwargs)
 
-
-def hook_counts(model):
-    """Hooks per module (transformers registers some of its own)."""
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
 
 # -- the issue's acceptance check ---------------------------------------------------------------------------------

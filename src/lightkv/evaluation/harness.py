@@ -17,7 +17,7 @@ import torch
 
 from ..engine import apply
 from ..methods import Method
-from .shapes import CHANCE, FAMILIES, Question, Scene, make_split
+from .shapes import CHANCE, FAMILIES, Question, Scene
 from .tiny_model import BUNDLED_MODEL, format_prompt
 
 __all__ = ["load_model", "question_set", "Result", "evaluate", "write_results", "markdown_table", "analytic_flops"]

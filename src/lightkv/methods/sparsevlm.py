@@ -28,6 +28,7 @@ import torch
 from ..core import MergeResult
 from ..guidance import gather_rows
 from .base import Method
+from .pruning import check_ratio
 from .visionzip import _rank_in_groups
 
 if TYPE_CHECKING:
@@ -72,14 +73,6 @@ def rater_scores(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, pat
     return scores, raters
 
 
-def _check_ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return float(value)
-
-
 def _check_ints(name: str, values: Any, minimum: int) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a list of integers, got {values!r}")
@@ -120,8 +113,8 @@ class SparseVLM(Method):
         if len(self.keep_tokens) != len(self.layers):
             raise ValueError(f"keep_tokens needs one count per layer: {len(self.layers)} layers, "
                              f"{len(self.keep_tokens)} counts")
-        self.recycle_ratio = _check_ratio("recycle_ratio", self.recycle_ratio)
-        self.cluster_ratio = _check_ratio("cluster_ratio", self.cluster_ratio)
+        self.recycle_ratio = check_ratio("recycle_ratio", self.recycle_ratio)
+        self.cluster_ratio = check_ratio("cluster_ratio", self.cluster_ratio)
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
