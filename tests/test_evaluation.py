@@ -121,10 +121,10 @@ def test_compare_command_writes_one_row_per_method_and_budget(tiny_checkpoint, t
     from lightkv.cli import main
 
     out = tmp_path / "cmp"
-    assert main(["compare", "--model", str(tiny_checkpoint), "--methods", "lightkv,fastv,visionzip",
+    assert main(["compare", "--model", str(tiny_checkpoint), "--methods", "lightkv,tome,fastv,visionzip",
                  "--budgets", "0.6,0.4", "--per-family", "1", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["none", "lightkv@0.60", "lightkv@0.40", "fastv@0.60", "fastv@0.40",
+    assert [r["method"] for r in rows] == ["none", "lightkv@0.60", "lightkv@0.40", "tome@0.60", "tome@0.40", "fastv@0.60", "fastv@0.40",
                                            "visionzip@0.60", "visionzip@0.40"]
     for row in rows[1:]:
         # the fraction reached by the run is the one the budget matcher predicted

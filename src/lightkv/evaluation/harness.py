@@ -7,6 +7,7 @@ is the greedy first token after the prompt (``model(...)`` with ``logits_to_keep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -160,8 +161,9 @@ def evaluate(model, processor, method: Method | None, items: list[tuple[Scene, Q
         accuracy=sum(correct) / len(correct), loyalty=loyalty, per_family=per_family,
         vision_kv_ratio=vis_kv / vis_full if vis_full else 1.0, total_kv_ratio=kv / kv_full if kv_full else 1.0,
         flops_ratio=(flops / flops_full) if flops_full else (1.0 if method is None else None), wall_s=wall,
-        params={} if method is None else {k: (list(v) if isinstance(v, tuple) else v)
-                                          for k, v in method.__dict__.items()},
+        params={} if method is None else {f.name: (list(v) if isinstance(v, tuple) else v)
+                                          for f in dataclasses.fields(method)
+                                          for v in [getattr(method, f.name)]},
         answers=answers)
 
 
@@ -186,7 +188,7 @@ def write_results(results: list[Result], out: str | Path, title: str = "results"
     """results.json (rows), results.md (table) and accuracy-vs-budget plot in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps([r.row() for r in results], indent=1))
+    (out / "results.json").write_text(json.dumps([r.row() for r in results], indent=1, default=str))
     (out / "results.md").write_text(markdown_table(results) + "\n")
     plot_accuracy(results, out / "accuracy_vs_budget.png", title)
 
