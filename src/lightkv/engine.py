@@ -140,6 +140,8 @@ class SequenceRecord:
     prefill_length: int
     segments: list[tuple[torch.Tensor, torch.Tensor]]  # per stage: (orig_index (B, M), valid (B, M))
     layer_segment: dict[int, int]  # shortened layer -> index into segments
+    # per segment: no padding slot at all (read once at prefill, so decode steps need no device sync)
+    segment_unpadded: list[bool] = field(default_factory=list)
 
 
 class StageContext:
@@ -379,7 +381,8 @@ class Handle:
             layer_segment = {}
             for layer in range(self.stage_layers[0] + 1, self.num_layers):
                 layer_segment[layer] = sum(1 for s in self.stage_layers if s < layer) - 1
-            self._records[state.cache] = SequenceRecord(state.N, state.segments, layer_segment)
+            unpadded = [bool(valid.all()) for _, valid in state.segments]
+            self._records[state.cache] = SequenceRecord(state.N, state.segments, layer_segment, unpadded)
         self.stats = self._stats(state)
 
     def _stats(self, state: PrefillState) -> PrefillStats:
@@ -561,7 +564,7 @@ class Handle:
                                      f"expected {total} (prompt + generated tokens)")
                 allowed = allowed & state.padding_mask.bool().gather(1, cols)[:, None, :]
         elif mask is None:
-            if q == 1 and bool(col_valid.all()):
+            if q == 1 and state.record.segment_unpadded[segment]:
                 return None
             query_pos = prefill + decoded + torch.arange(q, device=oi.device)
             allowed = cols[:, None, :] <= query_pos[None, :, None]
