@@ -3,7 +3,7 @@
 import torch
 
 import lightkv
-from lightkv.testing import llava_prompt
+from lightkv.testing import batch_prompts, llava_prompt
 
 TEXT_BEFORE, TEXT_AFTER = [1, 10, 11, 12], [20, 21, 22, 23, 24]
 
@@ -36,3 +36,24 @@ def run(model, method, inputs, **kwargs):
 def hook_counts(model):
     """Hooks per module (transformers registers some of its own)."""
     return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
+def check_batched_equals_unbatched(model, method, num_layers, new_tokens=4):
+    """Each sample of a mixed batch (one image, two images, no image) gets the tokens, logits (1e-4), kept
+    counts and kept positions it gets alone."""
+    prompts = mixed_prompts(model)
+    with lightkv.apply(model, method) as handle:
+        singles, single_stats = [], []
+        for p in prompts:
+            singles.append(generate(model, p, max_new_tokens=new_tokens))
+            single_stats.append(handle.stats)
+        batched = generate(model, batch_prompts(prompts), max_new_tokens=new_tokens)
+        stats = handle.stats
+    for i, single in enumerate(singles):
+        assert single.sequences[0, -new_tokens:].tolist() == batched.sequences[i, -new_tokens:].tolist()
+        for a, b in zip(single.logits, batched.logits):
+            torch.testing.assert_close(a[0], b[i], rtol=1e-4, atol=1e-4)
+        assert stats.vision_tokens[i] == single_stats[i].vision_tokens[0]
+    for i in (0, 1):
+        assert stats.kept_positions[i] == single_stats[i].kept_positions[0]
+    assert stats.vision_tokens[2] == [0] * num_layers

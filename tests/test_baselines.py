@@ -14,7 +14,7 @@ from lightkv.engine import _destination_of_dropped
 from lightkv.methods.tome import SIZE_KEY
 from lightkv.testing import batch_prompts, tiny_llava
 
-from helpers import TEXT_AFTER, TEXT_BEFORE, generate, mixed_prompts, one_image, run
+from helpers import check_batched_equals_unbatched, TEXT_AFTER, TEXT_BEFORE, generate, mixed_prompts, one_image, run
 
 N_LAYERS, GRID, NV = 4, 8, 64  # decoder layers, image grid side, vision tokens per image
 VISION = list(range(4, 4 + NV))  # positions of the image tokens in `one_image`
@@ -370,22 +370,7 @@ def test_cached_generate_equals_uncached(model, name, batch):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batched_equals_unbatched(model, name):
-    prompts = mixed_prompts(model)
-    with lightkv.apply(model, make(name)) as handle:
-        singles, single_stats = [], []
-        for p in prompts:
-            singles.append(generate(model, p))
-            single_stats.append(handle.stats)
-        batched = generate(model, batch_prompts(prompts))
-        stats = handle.stats
-    for i, single in enumerate(singles):
-        assert single.sequences[0, -4:].tolist() == batched.sequences[i, -4:].tolist()
-        for a, b in zip(single.logits, batched.logits):
-            torch.testing.assert_close(a[0], b[i], rtol=1e-4, atol=1e-4)
-        assert stats.vision_tokens[i] == single_stats[i].vision_tokens[0]
-        if i < 2:
-            assert stats.kept_positions[i] == single_stats[i].kept_positions[0]
-    assert stats.vision_tokens[2] == [0] * N_LAYERS
+    check_batched_equals_unbatched(model, make(name), N_LAYERS)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -9,7 +9,7 @@ import lightkv
 from lightkv.methods.sparsevlm import rater_scores
 from lightkv.testing import batch_prompts, tiny_llava
 
-from helpers import TEXT_AFTER, TEXT_BEFORE, generate, hook_counts, mixed_prompts, one_image, run
+from helpers import check_batched_equals_unbatched, TEXT_AFTER, TEXT_BEFORE, generate, hook_counts, mixed_prompts, one_image, run
 
 N_LAYERS, GRID = 4, 16
 VISION = list(range(4, 4 + GRID * GRID))  # positions of the image tokens in `one_image`
@@ -233,23 +233,7 @@ def test_cached_generate_equals_uncached(model, name, batch):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batched_equals_unbatched(model, name):
-    prompts = mixed_prompts(model)
-    with lightkv.apply(model, METHODS[name][0]()) as handle:
-        singles, single_stats = [], []
-        for p in prompts:
-            singles.append(generate(model, p))
-            single_stats.append(handle.stats)
-        batched = generate(model, batch_prompts(prompts))
-        stats = handle.stats
-    for i, single in enumerate(singles):
-        assert single.sequences[0, -4:].tolist() == batched.sequences[i, -4:].tolist()
-        for a, b in zip(single.logits, batched.logits):
-            torch.testing.assert_close(a[0], b[i], rtol=1e-4, atol=1e-4)
-        assert stats.vision_tokens[i] == single_stats[i].vision_tokens[0]
-    for i in (0, 1):
-        assert stats.kept_positions[i] == single_stats[i].kept_positions[0]
-    assert stats.vision_tokens[1] == [2 * v for v in METHODS[name][1]]
-    assert stats.retained_fraction[2] is None and all(kept == [] for kept in stats.kept_positions[2])
+    check_batched_equals_unbatched(model, METHODS[name][0](), N_LAYERS)
 
 
 def test_text_continuation_on_visionzip_cache(model):

@@ -86,6 +86,32 @@ def last_token_attention(q: torch.Tensor, k: torch.Tensor, token_valid: torch.Te
     return probs.mean(dim=(1, 2))
 
 
+def merge_into_nearest(hidden: torch.Tensor, image_index: torch.Tensor, centers: torch.Tensor,
+                       members: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
+    """Each member joins its most cosine-similar center of the same image; a center becomes the plain
+    average of itself and its members. Used to recycle pruned tokens (SparseVLM, VisionZip's contextual tokens).
+
+    hidden (B, M, D); image_index, centers, members (B, M); destination (B, M) is updated in place with the
+    center slot of every member. Returns the new hidden states (a copy when anything merged).
+    """
+    if not bool(members.any()):
+        return hidden
+    rows_c, slots_c = torch.nonzero(centers, as_tuple=True)
+    rows_m, slots_m = torch.nonzero(members, as_tuple=True)
+    unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    sim = unit[rows_m, slots_m] @ unit[rows_c, slots_c].T  # (members, centers) cosine, fp32
+    same_image = image_index[rows_m, slots_m][:, None] == image_index[rows_c, slots_c][None, :]
+    best = sim.masked_fill(~same_image, -torch.inf).argmax(dim=1)
+    destination[rows_m, slots_m] = slots_c[best]
+    total = hidden[rows_c, slots_c].float()
+    size = torch.ones(rows_c.numel(), device=hidden.device)
+    total.index_add_(0, best, hidden[rows_m, slots_m].float())
+    size.index_add_(0, best, torch.ones(best.numel(), device=hidden.device))
+    hidden = hidden.clone()
+    hidden[rows_c, slots_c] = (total / size[:, None]).to(hidden.dtype)
+    return hidden
+
+
 def check_ratio(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -28,7 +28,7 @@ import torch
 from ..core import MergeResult
 from ..guidance import gather_rows
 from .base import Method
-from .pruning import check_ratio
+from .pruning import check_ratio, merge_into_nearest
 from .visionzip import _rank_in_groups
 
 if TYPE_CHECKING:
@@ -199,18 +199,5 @@ class SparseVLM(Method):
         members = recycled & ~centers
         keep = ~patches | kept | centers
 
-        if bool(members.any()):
-            rows_c, slots_c = torch.nonzero(centers, as_tuple=True)
-            rows_m, slots_m = torch.nonzero(members, as_tuple=True)
-            unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
-            sim = unit[rows_m, slots_m] @ unit[rows_c, slots_c].T  # (members, centers) cosine, fp32
-            same_image = ctx.image_index[rows_m, slots_m][:, None] == ctx.image_index[rows_c, slots_c][None, :]
-            best = sim.masked_fill(~same_image, -torch.inf).argmax(dim=1)
-            destination[rows_m, slots_m] = slots_c[best]
-            total = hidden[rows_c, slots_c].float()
-            size = torch.ones(rows_c.numel(), device=device)
-            total.index_add_(0, best, hidden[rows_m, slots_m].float())
-            size.index_add_(0, best, torch.ones(best.numel(), device=device))
-            hidden = hidden.clone()
-            hidden[rows_c, slots_c] = (total / size[:, None]).to(hidden.dtype)
+        hidden = merge_into_nearest(hidden, ctx.image_index, centers, members, destination)
         return MergeResult(keep, hidden, destination)

@@ -27,6 +27,7 @@ import torch
 
 from ..core import MergeResult
 from .base import Method
+from .pruning import merge_into_nearest
 
 if TYPE_CHECKING:
     from ..engine import Handle, StageContext
@@ -201,21 +202,9 @@ class VisionZip(Method):
         merged = remaining & ~targets
         keep = ~patches | dominant | targets
 
-        if self.contextual > 0 and bool(merged.any()):  # contextual = 0: the other patches are just dropped
-            rows_t, slots_t = torch.nonzero(targets, as_tuple=True)
-            rows_m, slots_m = torch.nonzero(merged, as_tuple=True)
-            unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
-            sim = unit[rows_m, slots_m] @ unit[rows_t, slots_t].T  # (merged, targets) cosine, fp32
-            same_image = ctx.image_index[rows_m, slots_m][:, None] == ctx.image_index[rows_t, slots_t][None, :]
-            best = sim.masked_fill(~same_image, -torch.inf).argmax(dim=1)
-            destination[rows_m, slots_m] = slots_t[best]
+        if self.contextual > 0:  # contextual = 0: the other patches are just dropped
             # each target becomes the plain average of itself and the patches assigned to it
-            total = hidden[rows_t, slots_t].float()
-            size = torch.ones(rows_t.numel(), device=device)
-            total.index_add_(0, best, hidden[rows_m, slots_m].float())
-            size.index_add_(0, best, torch.ones(best.numel(), device=device))
-            hidden = hidden.clone()
-            hidden[rows_t, slots_t] = (total / size[:, None]).to(hidden.dtype)
+            hidden = merge_into_nearest(hidden, ctx.image_index, targets, merged, destination)
         return MergeResult(keep, hidden, destination)
 
 
