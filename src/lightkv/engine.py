@@ -241,6 +241,7 @@ class Handle:
         self.num_layers = len(adapter.decoder_layers)
         method.validate_for(self.num_layers)
         self.stage_layers = tuple(method.stage_layers)
+        adapter.validate_stage_layers(self.stage_layers)
         self.stage_of_layer = {layer: s for s, layer in enumerate(self.stage_layers)}
         self._state: contextvars.ContextVar = contextvars.ContextVar(f"lightkv_state_{id(self)}", default=None)
         self._records: "weakref.WeakKeyDictionary[Any, SequenceRecord]" = weakref.WeakKeyDictionary()
@@ -342,7 +343,7 @@ class Handle:
                     # short cache: give the new tokens the positions they have in the uncompressed sequence
                     ref = input_ids if input_ids is not None else inputs_embeds
                     start = record.prefill_length + _decoded_tokens(record, cache, 0)
-                    positions = torch.arange(start, start + ref.shape[1], device=ref.device)[None]
+                    positions = self.adapter.decode_position_ids(start, ref.shape[1], ref.shape[0], ref.device)
                     return args, {**kwargs, "position_ids": positions}
             elif cache is None or cache.get_seq_length() == 0:
                 # a prefill without images: nothing to compress, but stats still describe this call

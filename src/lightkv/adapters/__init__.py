@@ -6,10 +6,11 @@ from torch import nn
 
 from .base import Adapter, VisionLayout
 from .llava import LlavaAdapter
+from .qwen import Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter
 
 __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter"]
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 SUPPORTED_FAMILIES = {a.family: a.model_classes for a in ADAPTERS}
 
 

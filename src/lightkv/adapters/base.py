@@ -69,6 +69,14 @@ class Adapter:
     def text_config(self) -> Any:
         return self.language_model.config
 
+    def validate_stage_layers(self, stage_layers: tuple[int, ...]) -> None:
+        """Raise ValueError when the model cannot be shortened after these decoder layers (-1: before layer 0)."""
+
+    def decode_position_ids(self, start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
+        """Position ids of ``length`` new tokens at original sequence index ``start`` onwards, as the model
+        would compute them at decode steps; used when no layer holds the full prefill (a stage -1)."""
+        return torch.arange(start, start + length, device=device)[None]
+
     def attn_implementation(self) -> str:
         return getattr(self.text_config, "_attn_implementation", None) or "eager"
 
