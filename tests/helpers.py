@@ -1,8 +1,11 @@
 """Prompts and runners shared by the integration tests (tiny random LLaVA models)."""
 
+from dataclasses import dataclass, field
+
 import torch
 
 import lightkv
+from lightkv.core import MergeResult
 from lightkv.testing import batch_prompts, llava_prompt
 
 TEXT_BEFORE, TEXT_AFTER = [1, 10, 11, 12], [20, 21, 22, 23, 24]
@@ -38,10 +41,10 @@ def hook_counts(model):
     return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
 
-def check_batched_equals_unbatched(model, method, num_layers, new_tokens=4):
-    """Each sample of a mixed batch (one image, two images, no image) gets the tokens, logits (1e-4), kept
-    counts and kept positions it gets alone."""
-    prompts = mixed_prompts(model)
+def check_batched_equals_unbatched(model, method, num_layers, new_tokens=4, prompts=None):
+    """Each sample of a mixed batch (default: one image, two images, no image; ``prompts`` may give others, the
+    last one without images) gets the tokens, logits (1e-4), kept counts and kept positions it gets alone."""
+    prompts = mixed_prompts(model) if prompts is None else prompts
     with lightkv.apply(model, method) as handle:
         singles, single_stats = [], []
         for p in prompts:
@@ -54,6 +57,25 @@ def check_batched_equals_unbatched(model, method, num_layers, new_tokens=4):
         for a, b in zip(single.logits, batched.logits):
             torch.testing.assert_close(a[0], b[i], rtol=1e-4, atol=1e-4)
         assert stats.vision_tokens[i] == single_stats[i].vision_tokens[0]
-    for i in (0, 1):
+    for i in range(len(prompts) - 1):
         assert stats.kept_positions[i] == single_stats[i].kept_positions[0]
-    assert stats.vision_tokens[2] == [0] * num_layers
+    assert stats.vision_tokens[-1] == [0] * num_layers
+
+
+@dataclass
+class KeepPositions(lightkv.Method):
+    """Prunes to given vision positions: kept[sample][stage], positions among the sample's real tokens."""
+
+    layers: tuple = ()
+    kept: list = field(default_factory=list)
+
+    @property
+    def stage_layers(self):
+        return tuple(self.layers)
+
+    def reduce(self, ctx, stage):
+        candidates = ctx.image_index >= 0
+        wanted = torch.stack([torch.isin(ctx.input_positions[b], torch.tensor(kept[stage], dtype=torch.long))
+                              for b, kept in enumerate(self.kept)])
+        destination = torch.arange(candidates.shape[1]).expand_as(candidates)
+        return MergeResult(~candidates | wanted, ctx.hidden, destination)

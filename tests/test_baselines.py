@@ -1,7 +1,6 @@
 """The baselines (Random, ToMe, FastV, PDrop, DART) on tiny random LLaVA models, and matched budgets."""
 
 import math
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
@@ -9,12 +8,11 @@ import torch
 
 import lightkv
 from lightkv.budget import place_layers
-from lightkv.core import MergeResult
 from lightkv.engine import _destination_of_dropped
 from lightkv.methods.tome import SIZE_KEY
 from lightkv.testing import batch_prompts, tiny_llava
 
-from helpers import check_batched_equals_unbatched, TEXT_AFTER, TEXT_BEFORE, generate, mixed_prompts, one_image, run
+from helpers import KeepPositions, check_batched_equals_unbatched, TEXT_AFTER, TEXT_BEFORE, generate, mixed_prompts, one_image, run
 
 N_LAYERS, GRID, NV = 4, 8, 64  # decoder layers, image grid side, vision tokens per image
 VISION = list(range(4, 4 + NV))  # positions of the image tokens in `one_image`
@@ -324,25 +322,6 @@ def test_token_state_of_wrong_shape_raises(eager_model):
 
 
 # -- equivalences -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KeepPositions(lightkv.Method):
-    """Prunes to given vision positions: kept[sample][stage], positions among the sample's real tokens."""
-
-    layers: tuple = ()
-    kept: list = field(default_factory=list)
-
-    @property
-    def stage_layers(self):
-        return tuple(self.layers)
-
-    def reduce(self, ctx, stage):
-        candidates = ctx.image_index >= 0
-        wanted = torch.stack([torch.isin(ctx.input_positions[b], torch.tensor(kept[stage], dtype=torch.long))
-                              for b, kept in enumerate(self.kept)])
-        destination = torch.arange(candidates.shape[1]).expand_as(candidates)
-        return MergeResult(~candidates | wanted, ctx.hidden, destination)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "llava_prompt", "batch_prompts"]
+__all__ = ["tiny_llava", "llava_prompt", "batch_prompts", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl",
+           "qwen_prompt"]
 
 
 def tiny_llava(num_layers: int = 4, grid: int = 16, attn_implementation: str = "sdpa", seed: int = 0,
@@ -51,16 +52,148 @@ def llava_prompt(model, text_before: list[int], text_after: list[int], num_image
 
 
 def batch_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
-    """Left-pad single-sample prompts into one batch (pixel values concatenated in order)."""
+    """Left-pad single-sample prompts into one batch. Per-token inputs (input_ids, attention_mask,
+    mm_token_type_ids) are left-padded; pixel values and Qwen grids are concatenated in order."""
     length = max(p["input_ids"].shape[1] for p in prompts)
-    ids, mask, pixels = [], [], []
-    for p in prompts:
-        n = p["input_ids"].shape[1]
-        ids.append(torch.cat([torch.full((1, length - n), pad_token_id), p["input_ids"]], dim=1))
-        mask.append(torch.cat([torch.zeros(1, length - n, dtype=torch.long), p["attention_mask"]], dim=1))
-        if "pixel_values" in p:
-            pixels.append(p["pixel_values"])
-    out = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask)}
-    if pixels:
-        out["pixel_values"] = torch.cat(pixels)
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    out = {}
+    for key, value in pad_values.items():
+        if key not in prompts[0]:
+            continue
+        rows = []
+        for p in prompts:
+            n = p[key].shape[1]
+            rows.append(torch.cat([torch.full((1, length - n), value, dtype=p[key].dtype), p[key]], dim=1))
+        out[key] = torch.cat(rows)
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [p[key] for p in prompts if key in p]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+# -- Qwen2-VL / Qwen2.5-VL / Qwen3-VL ----------------------------------------------------------------------------
+
+QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 127, 126, 124, 125
+
+
+def _qwen_text_kwargs(num_layers: int, hidden_size: int, vocab_size: int, mrope_section: list[int]) -> dict:
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section})
+
+
+def _qwen_ids() -> dict:
+    return dict(image_token_id=QWEN_IMAGE_TOKEN, video_token_id=QWEN_VIDEO_TOKEN,
+                vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)
+
+
+def _finish(model, attn_implementation: str):
+    model.set_attn_implementation(attn_implementation)
+    # a random model may emit the vision placeholder ids; an uncached step would then look for image features
+    model.generation_config.suppress_tokens = [QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN,
+                                               QWEN_IMAGE_TOKEN]
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def tiny_qwen2_vl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                  vocab_size: int = 128):
+    """A random ``Qwen2VLForConditionalGeneration``: GQA text model with M-RoPE, patch 2, spatial merge 2."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2, num_heads=2, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text = _qwen_text_kwargs(num_layers, hidden_size, vocab_size, [2, 3, 3])
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, **_qwen_ids())
+    torch.manual_seed(seed)
+    return _finish(Qwen2VLForConditionalGeneration(config), attn_implementation)
+
+
+def tiny_qwen2_5_vl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                    vocab_size: int = 128):
+    """A random ``Qwen2_5_VLForConditionalGeneration`` (window attention in the vision tower)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=8, out_hidden_size=hidden_size, fullatt_block_indexes=[1],
+                  tokens_per_second=2)
+    text = _qwen_text_kwargs(num_layers, hidden_size, vocab_size, [2, 3, 3])
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_qwen_ids())
+    torch.manual_seed(seed)
+    return _finish(Qwen2_5_VLForConditionalGeneration(config), attn_implementation)
+
+
+def tiny_qwen3_vl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                  vocab_size: int = 128, deepstack_layers: int = 1):
+    """A random ``Qwen3VLForConditionalGeneration``: q/k norms, interleaved M-RoPE, ``deepstack_layers``
+    deepstack feature layers (added after decoder layers 0..deepstack_layers-1)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=hidden_size, num_position_embeddings=64,
+                  deepstack_visual_indexes=list(range(deepstack_layers)))
+    text = _qwen_text_kwargs(num_layers, hidden_size, vocab_size, [2, 3, 3])
+    text.update(head_dim=hidden_size // 4)
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, **_qwen_ids())
+    torch.manual_seed(seed)
+    return _finish(Qwen3VLForConditionalGeneration(config), attn_implementation)
+
+
+def qwen_prompt(model, text_before: list[int], text_after: list[int], images: list[tuple[int, int]] = ((6, 8),),
+                videos: list[tuple[int, int, int]] = (), seed: int = 0) -> dict:
+    """Processor-free Qwen-VL inputs (batch 1), as the Qwen processors lay them out.
+
+    images: (rows, cols) of each image's token grid after spatial merging; videos: (frames, rows, cols), frames
+    being temporal slices. Each image / video is wrapped in vision start / end tokens, consecutive images are
+    separated by one text token; a Qwen3-VL video puts one timestamp token and its own start / end pair before
+    every frame. Returns input_ids, attention_mask, mm_token_type_ids (0 text, 1 image, 2 video), and
+    pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw (grids in patches) with random pixels.
+    """
+    config = model.config
+    vision = config.vision_config
+    merge, patch, temporal = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+    patch_dim = vision.in_channels * temporal * patch * patch
+    gen = torch.Generator().manual_seed(seed)
+    ids, types = list(text_before), [0] * len(text_before)
+
+    def add(tokens: list[int], kind: int = 0) -> None:
+        ids.extend(tokens)
+        types.extend([kind] * len(tokens))
+
+    image_grids, video_grids = [], []
+    for i, (rows, cols) in enumerate(images):
+        if i:
+            add([5 + i])
+        add([config.vision_start_token_id])
+        add([config.image_token_id] * (rows * cols), 1)
+        add([config.vision_end_token_id])
+        image_grids.append([1, rows * merge, cols * merge])
+    per_frame = type(model).__name__.startswith("Qwen3")
+    for frames, rows, cols in videos:
+        if per_frame:
+            for f in range(frames):
+                add([30 + f, config.vision_start_token_id])
+                add([config.video_token_id] * (rows * cols), 2)
+                add([config.vision_end_token_id])
+        else:
+            add([config.vision_start_token_id])
+            add([config.video_token_id] * (frames * rows * cols), 2)
+            add([config.vision_end_token_id])
+        video_grids.append([frames, rows * merge, cols * merge])
+    add(list(text_after))
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "mm_token_type_ids": torch.tensor([types])}
+    if image_grids:
+        grid = torch.tensor(image_grids)
+        out["pixel_values"] = torch.randn(int(grid.prod(1).sum()), patch_dim, generator=gen)
+        out["image_grid_thw"] = grid
+    if video_grids:
+        grid = torch.tensor(video_grids)
+        out["pixel_values_videos"] = torch.randn(int(grid.prod(1).sum()), patch_dim, generator=gen)
+        out["video_grid_thw"] = grid
     return out
