@@ -288,7 +288,7 @@ def test_kept_tokens_keep_their_3d_positions(sdpa_model, positions):
             expected = rotary(x, pos3d[:, :, kept])[0]
             assert not torch.equal(pos3d[1, 0, kept], pos3d[2, 0, kept])  # really 3-D
         else:  # the reference renumbering: 0..N'-1 in sequence order, on all three axes
-            expected = rotary(x, torch.arange(len(kept))[None])[0]
+            expected = rotary(x, torch.arange(len(kept)).expand(3, 1, -1))[0]
         torch.testing.assert_close(seen[layer][0], expected)
 
 

@@ -55,6 +55,14 @@ class _QwenVLAdapter(Adapter):
     def has_cls_token(self) -> bool:
         return False  # patch embeddings and a patch merger, no class token
 
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of (B, M) text-style position ids: the same position on the three M-RoPE axes (older 5.x
+        rotary modules take only (3, B, M))."""
+        if position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
     def decode_position_ids(self, start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
         """(3, B, length) M-RoPE positions of new text tokens at original sequence index ``start``: the index
         plus the ``rope_deltas`` the model cached at prefill (what the model itself computes at decode)."""
