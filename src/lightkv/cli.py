@@ -55,6 +55,52 @@ def _demo_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id or folder of a supported model (e.g. "
+                        "llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct, models/tiny-llava-shapes)")
+    parser.add_argument("--methods", default="none,lightkv@0.55",
+                        help="comma-separated labels: none, or NAME[@BUDGET] with NAME in lightkv, tome, random, "
+                             "fastv, pdrop, sparsevlm, visionzip, dart (default: %(default)s)")
+    parser.add_argument("--tasks", required=True, help="lmms-eval tasks, comma-separated (lightkv_shapes: the "
+                        "offline shapes test split, written to OUT/tasks)")
+    parser.add_argument("--out", default="out/eval", help="folder for every run and results.json/results.md")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="data parallel over this many GPUs (runs lmms-eval under accelerate launch)")
+    parser.add_argument("--device-map", default=None, help="e.g. auto: one model spread over all visible GPUs")
+    parser.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16 or float32")
+    parser.add_argument("--grid", default=None,
+                        help="image token grid RxC for budgets on dynamic-resolution models (Qwen2.5-VL)")
+    parser.add_argument("--method-args", default="",
+                        help="more plugin arguments k=v,k=v (lists as 1;2;3), e.g. guidance=uniform or "
+                             "layers=1;2,windows=2;1,ratios=0.5;0.5 instead of a budget")
+    parser.add_argument("--include-path", action="append", default=[], help="extra lmms-eval task folder")
+    parser.add_argument("--limit", type=int, default=None, help="documents per task (a quick check)")
+    parser.add_argument("--shapes-per-family", type=int, default=20, help="questions per family in lightkv_shapes")
+    parser.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE")
+    parser.add_argument("--quiet", action="store_true", help="do not echo lmms-eval's output (it is logged)")
+    parser.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands only")
+
+
+def _eval(args: argparse.Namespace, passthrough: list[str]) -> int:
+    from lightkv.evaluation.lmms_run import run_eval
+
+    model_args: dict[str, object] = {"device_map": args.device_map, "dtype": args.dtype, "grid": args.grid}
+    for item in filter(None, (part.strip() for part in args.method_args.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--method-args takes key=value items, got {item!r}")
+        model_args[key.strip()] = value.strip()
+    model_args = {k: v for k, v in model_args.items() if v is not None}
+    model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    run_eval(model, [m.strip() for m in args.methods.split(",") if m.strip()],
+             [t.strip() for t in args.tasks.split(",") if t.strip()], args.out, batch_size=args.batch_size,
+             num_processes=args.num_processes, model_args=model_args, include_paths=args.include_path,
+             limit=args.limit, shapes_per_family=args.shapes_per_family, offline=args.offline,
+             extra_args=passthrough, dry_run=args.dry_run, echo=not args.quiet)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     from lightkv.perf.bench import add_arguments as _bench_arguments
 
     _bench_arguments(bench)
+    _eval_arguments(sub.add_parser(
+        "eval", help="lmms-eval benchmarks (MME, POPE, GQA, ...) for a model and methods, one results table; "
+                     "needs the eval extra (pip install 'lightkv[eval]'); arguments after -- go to lmms-eval"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if argv and argv[0] == "eval" and "--" in argv:
+        at = argv.index("--")
+        argv, passthrough = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _eval(args, passthrough)
     if args.command == "demo":
         if args.random:
             return _demo_random(args)
