@@ -1,6 +1,11 @@
-"""Train the bundled LLaVA-architecture model from scratch on the procedural shapes QA set (CPU, seeded).
+"""Train a bundled model from scratch on the procedural shapes QA set (seeded; CPU by default).
 
-    python scripts/train_tiny_llava.py --out models/tiny-llava-shapes
+    python scripts/train_tiny_llava.py --arch llava --out models/tiny-llava-shapes
+    python scripts/train_tiny_llava.py --arch qwen2.5-vl --out models/tiny-qwen2.5-vl-shapes
+
+--arch llava: transformers LlavaForConditionalGeneration (CLIP tower, projector, Llama decoder);
+--arch qwen2.5-vl: Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL tower with window attention and 2x2 patch
+merging, M-RoPE decoder). Both see 16 x 16 = 256 vision tokens per 64 px image and share the decoder size.
 
 Each training sequence is one image followed by several question/answer turns (half of them also hold a
 dense caption turn, "describe the image"); the loss covers the answer words and the closing </s>. The weights are saved as fp32 safetensors (about 16 MB).
@@ -19,56 +24,146 @@ import torch
 
 from lightkv.evaluation.shapes import (COLORS, FAMILIES, SHAPES, SIZES, SPLIT_SEEDS, describe, make_questions,
                                       make_scene, make_split, object_mask)
-from lightkv.evaluation.tiny_model import build_config, build_processor
+from lightkv.evaluation.tiny_model import (QwenShapesProcessor, build_config, build_processor, build_qwen_config,
+                                          format_prompt, format_qwen_prompt)
 
 
-def encode_sequence(tokenizer, image_token_id, n_image_tokens, qas):
-    """input ids and labels for '<s> USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ...' (answers may be
-    several words: the dense caption turn)."""
-    tok = tokenizer.convert_tokens_to_ids
-    ids, labels = [tok("<s>")], [-100]
-    for i, (question, answer) in enumerate(qas):
-        words = ["USER:"] + (["<image>"] if i == 0 else []) + question.split() + ["ASSISTANT:"]
-        for w in words:
-            if w == "<image>":
-                ids += [image_token_id] * n_image_tokens
-                labels += [-100] * n_image_tokens
-            else:
-                ids.append(tok(w))
-                labels.append(-100)
-        answer_ids = [tok(w) for w in answer.split()] + [tok("</s>")]
-        ids += answer_ids
-        labels += answer_ids
-    return ids, labels
+class Arch:
+    """What differs between the two bundled architectures: model class, processor, chat layout, features."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name == "llava":
+            from transformers import LlavaForConditionalGeneration
+
+            self.processor = build_processor()
+            self.config = build_config(self.processor.tokenizer)
+            self.model_class = LlavaForConditionalGeneration
+            self.prompt = format_prompt
+            # '<s> USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...'
+            self.start, self.user, self.image = ["<s>"], ["USER:"], ["<image>"]
+            self.assistant, self.end = ["ASSISTANT:"], "</s>"
+            self.image_token_id = self.config.image_token_id
+        elif name == "qwen2.5-vl":
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            self.processor = QwenShapesProcessor()
+            self.config = build_qwen_config(self.processor.tokenizer)
+            self.model_class = Qwen2_5_VLForConditionalGeneration
+            self.prompt = format_qwen_prompt
+            # '<|im_start|> user <|vision_start|><|image_pad|>...<|vision_end|> q1 <|im_end|> <|im_start|> assistant
+            #  a1 <|im_end|> <|im_start|> user q2 <|im_end|> ...'
+            self.start, self.user = [], ["<|im_start|>", "user"]
+            self.image = ["<|vision_start|>", "<image>", "<|vision_end|>"]
+            self.assistant, self.end = ["<|im_end|>", "<|im_start|>", "assistant"], "<|im_end|>"
+            self.image_token_id = self.config.image_token_id
+        else:
+            raise ValueError(f"unknown --arch {name!r}: llava or qwen2.5-vl")
+
+    def feature_hook(self, model, captured):
+        """Record the per-token image features (B, 256, D) the decoder receives, for the auxiliary loss."""
+        if self.name == "llava":
+            # CLIP's vision_feature_layer output, CLS dropped (what the projector reads)
+            layer = model.model.vision_tower.encoder.layers[self.config.vision_feature_layer]
+            return layer.register_forward_hook(
+                lambda m, a, out: captured.__setitem__("x", (out[0] if isinstance(out, tuple) else out)[:, 1:]))
+        # the merged tokens in raster order (the tower's pooler_output)
+        return model.model.visual.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("x", out.pooler_output.reshape(-1, 256, out.pooler_output.shape[-1])))
+
+    def feature_dim(self) -> int:
+        return self.config.vision_config.hidden_size if self.name == "llava" else self.config.vision_config.out_hidden_size
 
 
-def make_batch(processor, config, rng, batch_size, max_qas, caption_rate=0.5):
+def encode_sequence(arch: Arch, n_image_tokens, qas):
+    """One image and several question/answer turns packed in one sequence (answers may be several words: the
+    dense caption turn); the loss covers the answer words and the turn's end token.
+
+    Returns ids, labels, segment (0: the shared prefix with the image, k: turn k) and position. Each turn is
+    laid out as if it were the only one: it starts at the position right after the prefix and, through the
+    attention mask built in make_batch, sees only the prefix and itself. So every turn is exactly the
+    evaluation prompt followed by its answer, and no turn can copy an answer from another turn's text (with
+    plain concatenation, answers after a caption turn could be read off the caption instead of the image).
+    """
+    tok = arch.processor.tokenizer.convert_tokens_to_ids
+    ids, labels = [], []
+    for w in arch.start + arch.user + arch.image:
+        ids += [arch.image_token_id] * n_image_tokens if w == "<image>" else [tok(w)]
+    labels = [-100] * len(ids)
+    segment = [0] * len(ids)
+    position = list(range(len(ids)))
+    prefix = len(ids)
+    for k, (question, answer) in enumerate(qas, start=1):
+        prompt = [tok(w) for w in question.split() + arch.assistant]
+        answer_ids = [tok(w) for w in answer.split()] + [tok(arch.end)]
+        ids += prompt + answer_ids
+        labels += [-100] * len(prompt) + answer_ids
+        segment += [k] * (len(prompt) + len(answer_ids))
+        position += list(range(prefix, prefix + len(prompt) + len(answer_ids)))
+    return ids, labels, segment, position
+
+
+def turn_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(B, 1, N, N) bool attention mask for packed turns: causal, and a token of turn k sees the prefix
+    (segment 0) and turn k only; padding (segment -1) sees only itself."""
+    n = segment.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    mask = causal & ((seg_k == 0) | (seg_k == seg_q)) & (seg_q >= 0) & (seg_k >= 0)
+    mask |= torch.eye(n, dtype=torch.bool)
+    return mask[:, None]
+
+
+def mrope_positions(input_ids: torch.Tensor, position: torch.Tensor, image_token_id: int, side: int) -> torch.Tensor:
+    """(3, B, N) Qwen2-VL M-RoPE positions of packed sequences with one side x side image in the prefix: text
+    tokens get their position on all three axes, image tokens (start, start + row, start + column), and text
+    after the image continues from start + side (the layout get_rope_index gives one unpacked prompt)."""
+    first = (input_ids == image_token_id).int().argmax(-1, keepdim=True)  # (B, 1)
+    out = position.clone().unsqueeze(0).repeat(3, 1, 1)
+    is_image = input_ids == image_token_id
+    offset = position - first
+    out[1] = torch.where(is_image, first + offset // side, out[1])
+    out[2] = torch.where(is_image, first + offset % side, out[2])
+    out[0] = torch.where(is_image, first.expand_as(position), out[0])
+    after = position >= first + side * side
+    return torch.where(after.unsqueeze(0), out - (side * side - side), out)
+
+
+def make_batch(arch: Arch, rng, batch_size, max_qas, caption_rate=0.5):
+    processor, patch = arch.processor, 4  # one vision token covers 4 x 4 pixels in both architectures
     tokenizer = processor.tokenizer
-    n_img = config.image_seq_length
     images, seqs, patch_labels = [], [], []
     for _ in range(batch_size):
         scene = make_scene(rng)
         count = int(rng.integers(1, max_qas + 1))
         qas = [(q.question, q.answer) for q in make_questions(scene, rng, count)]
         if rng.random() < caption_rate:
-            # a dense caption turn (every object's attributes and quadrant) at a random place in the sequence:
-            # far more supervision per image than one-word answers, so the vision tower learns to see sooner
+            # a dense caption turn (every object's attributes and quadrant): far more supervision per image
+            # than one-word answers, so the vision tower learns to see sooner
             qas.insert(int(rng.integers(len(qas) + 1)), ("describe the image", describe(scene)))
         images.append(scene.image)
-        patch_labels.append(patch_targets(scene, config.vision_config.patch_size))
-        seqs.append(encode_sequence(tokenizer, config.image_token_id, n_img, qas))
+        patch_labels.append(patch_targets(scene, patch))
+        seqs.append(encode_sequence(arch, 256, qas))
     length = max(len(s[0]) for s in seqs)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((batch_size, length), pad)
+    input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
     labels = torch.full((batch_size, length), -100)
-    mask = torch.zeros(batch_size, length, dtype=torch.long)
-    for b, (ids, lab) in enumerate(seqs):
+    segment = torch.full((batch_size, length), -1)
+    position = torch.zeros(batch_size, length, dtype=torch.long)
+    for b, (ids, lab, seg, pos) in enumerate(seqs):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
-        mask[b, : len(ids)] = 1
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return ({"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values, "labels": labels},
-            torch.stack(patch_labels))
+        segment[b, : len(seg)] = torch.tensor(seg)
+        position[b, : len(pos)] = torch.tensor(pos)
+    batch = {"input_ids": input_ids, "attention_mask": turn_mask(segment), "labels": labels}
+    vision = processor.image_processor(images, return_tensors="pt")
+    batch["pixel_values"] = vision["pixel_values"]
+    if arch.name == "llava":
+        batch["position_ids"] = position
+    else:
+        batch["image_grid_thw"] = vision["image_grid_thw"]
+        batch["mm_token_type_ids"] = (input_ids == arch.image_token_id).to(torch.int32)
+        batch["position_ids"] = mrope_positions(input_ids, position, arch.image_token_id, 16)
+    return batch, torch.stack(patch_labels)
 
 
 AUX_CLASSES = (1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), 4)  # color, shape, size (0 = background), quadrant
@@ -94,16 +189,18 @@ def patch_targets(scene, patch):
 
 
 @torch.no_grad()
-def quick_eval(model, processor, items, batch_size=50):
+def quick_eval(model, arch: Arch, items, device, batch_size=50):
     """Accuracy per family of the first-token answer on (scene, [question]) items."""
+    processor = arch.processor
     tokenizer = processor.tokenizer
     model.eval()
     correct, total = {f: 0 for f in FAMILIES}, {f: 0 for f in FAMILIES}
     flat = [(s, q) for s, qs in items for q in qs]
     for i in range(0, len(flat), batch_size):
         chunk = flat[i : i + batch_size]
-        texts = [f"<s> USER: <image> {q.question} ASSISTANT:" for _, q in chunk]
+        texts = [arch.prompt(q.question) for _, q in chunk]
         inputs = processor(images=[s.image for s, _ in chunk], text=texts, return_tensors="pt", padding=True)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         pred = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
         for p, (_, q) in zip(pred, chunk):
@@ -117,7 +214,8 @@ def quick_eval(model, processor, items, batch_size=50):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="models/tiny-llava-shapes")
+    ap.add_argument("--arch", default="llava", choices=["llava", "qwen2.5-vl"])
+    ap.add_argument("--out", default=None, help="default: models/tiny-<arch>-shapes")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-qas", type=int, default=10)
@@ -130,35 +228,35 @@ def main():
     ap.add_argument("--caption-rate", type=float, default=0.5, help="share of sequences with a caption turn")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary vision loss")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
     args = ap.parse_args()
+    out = Path(args.out or f"models/tiny-{args.arch}-shapes")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(SPLIT_SEEDS["train"] + args.seed)
-    processor = build_processor()
-    config = build_config(processor.tokenizer)
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration(config)
+    arch = Arch(args.arch)
+    model = arch.model_class(arch.config)
     model.set_attn_implementation("sdpa")
-    model.train()
-    # Auxiliary dense loss on the vision features the projector reads (CLIP's vision_feature_layer output):
-    # a linear head predicts, per patch, the object under it and the patch's quadrant. It teaches the tower
-    # what is where long before the language loss alone would; the head is not part of the saved model.
-    encoder_layers = model.model.vision_tower.encoder.layers
-    feature_layer = encoder_layers[config.vision_feature_layer]
+    model.to(device).train()
+    # Auxiliary dense loss on the image features the decoder reads: a linear head predicts, per vision token,
+    # the object under it and the token's quadrant. It teaches the tower what is where long before the
+    # language loss alone would; the head is not part of the saved model.
     captured = {}
-    feature_layer.register_forward_hook(lambda m, a, out: captured.__setitem__("x", out[0] if isinstance(out, tuple)
-                                                                                  else out))
-    aux_head = torch.nn.Linear(config.vision_config.hidden_size, sum(AUX_CLASSES))
+    arch.feature_hook(model, captured)
+    aux_head = torch.nn.Linear(arch.feature_dim(), sum(AUX_CLASSES)).to(device)
     # The vision tower and projector get a lower learning rate: at the language model's rate their residual
     # stream grew to ~1000x the text embeddings' norm within a few hundred steps and the model stopped using
     # the image (answers at the language prior).
     groups = []
     groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0, "lr": args.vision_lr})
+    vision_names = ("vision_tower", "multi_modal_projector", "visual")
     for is_vision in (False, True):
-        params = [(n, p) for n, p in model.named_parameters()
-                  if ("vision_tower" in n or "multi_modal_projector" in n) == is_vision]
+        params = [(n, p) for n, p in model.named_parameters() if any(v in n for v in vision_names) == is_vision]
         lr = args.vision_lr if is_vision else args.lr
         groups.append({"params": [p for n, p in params if p.dim() >= 2], "weight_decay": 0.05, "lr": lr})
         groups.append({"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr})
@@ -166,15 +264,16 @@ def main():
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     val_items = make_split("val", args.eval_images, 1)
-    log = {"args": vars(args), "steps": []}
-    out = Path(args.out)
+    log = {"args": vars(args) | {"out": str(out)}, "steps": []}
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     running = aux_running = None
     for step in range(1, args.steps + 1):
-        batch, patch_labels = make_batch(processor, config, rng, args.batch_size, args.max_qas, args.caption_rate)
+        batch, patch_labels = make_batch(arch, rng, args.batch_size, args.max_qas, args.caption_rate)
+        batch = {k: v.to(device) for k, v in batch.items()}
         lm_loss = model(**batch).loss
-        aux_logits = aux_head(captured["x"][:, 1:])  # (B, P, sum(AUX_CLASSES)), CLS dropped
+        aux_logits = aux_head(captured["x"])  # (B, 256, sum(AUX_CLASSES))
+        patch_labels = patch_labels.to(device)
         aux_loss = sum(torch.nn.functional.cross_entropy(part.reshape(-1, part.shape[-1]), patch_labels[..., k].reshape(-1))
                        for k, part in enumerate(aux_logits.split(AUX_CLASSES, dim=-1)))
         loss = lm_loss + args.aux_weight * aux_loss
@@ -189,17 +288,12 @@ def main():
             print(f"step {step} loss {running:.4f} aux {aux_running:.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - start:.0f}s",
                   flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            acc = quick_eval(model, processor, val_items)
-            with torch.no_grad():
-                feats = model.model.get_image_features(pixel_values=batch["pixel_values"][:4]).pooler_output
-                feat_norm = float(torch.stack(list(feats)).norm(dim=-1).mean())
+            acc = quick_eval(model, arch, val_items, device)
             log["steps"].append({"step": step, "loss": running, "aux_loss": aux_running,
-                                 "seconds": time.time() - start, "val": acc,
-                                 "image_feature_norm": feat_norm})
-            print(f"  val {json.dumps({k: round(v, 3) for k, v in acc.items()})} feature norm {feat_norm:.2f}",
-                  flush=True)
+                                 "seconds": time.time() - start, "val": acc})
+            print(f"  val {json.dumps({k: round(v, 3) for k, v in acc.items()})}", flush=True)
             model.save_pretrained(out, safe_serialization=True)
-            processor.save_pretrained(out)
+            arch.processor.save_pretrained(out)
             (out / "training_log.json").write_text(json.dumps(log, indent=1))
     print(f"done in {time.time() - start:.0f}s")
 

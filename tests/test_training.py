@@ -1,0 +1,62 @@
+"""The bundled models' training script: packed QA turns are exactly the evaluation prompts."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightkv.evaluation.shapes import describe, make_questions, make_scene
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_llava.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_tiny_llava", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_tiny_llava"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch_name", ["llava", "qwen2.5-vl"])
+def test_packed_turns_equal_single_prompts(train, arch_name):
+    """Each turn of a packed training sequence (block mask, restarted positions; M-RoPE for Qwen) gives the
+    logits the same question gets as a lone evaluation prompt, so no turn sees another turn's answer."""
+    torch.manual_seed(0)
+    arch = train.Arch(arch_name)
+    model = arch.model_class(arch.config).eval()
+    model.set_attn_implementation("sdpa")
+    batch, patch_labels = train.make_batch(arch, np.random.default_rng(1), 2, 3, caption_rate=1.0)
+    assert patch_labels.shape == (2, 256, 4)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    rng = np.random.default_rng(1)  # replay make_batch's draws
+    checked = 0
+    for b in range(2):
+        scene = make_scene(rng)
+        qas = [(q.question, q.answer) for q in make_questions(scene, rng, int(rng.integers(1, 4)))]
+        rng.random()
+        qas.insert(int(rng.integers(len(qas) + 1)), ("describe the image", describe(scene)))
+        ids, labels, segment, _ = train.encode_sequence(arch, 256, qas)
+        assert ids == batch["input_ids"][b, : len(ids)].tolist()
+        for k, (question, answer) in enumerate(qas, start=1):
+            inputs = arch.processor(images=[scene.image], text=[arch.prompt(question) + " " + answer],
+                                    return_tensors="pt")
+            with torch.no_grad():
+                single = model(**inputs).logits[0]
+            rows = [i for i, s in enumerate(segment) if s in (0, k)][: single.shape[0]]
+            torch.testing.assert_close(packed[b, rows], single, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked >= 4
+
+
+def test_turn_mask(train):
+    segment = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])
+    mask = train.turn_mask(segment)[0, 0]
+    assert mask[3].tolist() == [True, True, True, True, False, False, False]
+    assert mask[5].tolist() == [True, True, False, False, True, True, False]
+    assert mask[6].tolist() == [False] * 6 + [True]
