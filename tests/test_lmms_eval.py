@@ -153,6 +153,16 @@ def test_plugin_batches_equal_single_prompts():
             assert 0.5 < stats["retained_fraction"] < 0.6 and stats["kv_ratio"] < 0.65
 
 
+def test_plugin_beam_search_counts_every_beam():
+    items = question_set(2)[:4]
+    plugin = _plugin(batch_size=4)
+    greedy = plugin.generate_until(_requests(plugin, items, GREEDY))
+    plugin.generate_until(_requests(plugin, items, {**GREEDY, "num_beams": 3}, task="beams"))
+    eff = plugin.efficiency()
+    assert eff["beams"]["sequences"] == eff["shapes"]["sequences"] == len(items) and len(greedy) == len(items)
+    assert eff["beams"]["kv_bytes_per_sequence"] == 3 * eff["shapes"]["kv_bytes_per_sequence"]
+
+
 def test_plugin_method_fields_and_bad_arguments():
     plugin = _plugin(method="lightkv", layers="[1,2]", windows="2;1", ratios="0.5;0.5", guidance="uniform")
     assert plugin.method == lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5], guidance="uniform")

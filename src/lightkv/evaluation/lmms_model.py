@@ -174,8 +174,11 @@ class LightKVModel(lmms):
         self.handle = apply(self._model, self.method) if self.method is not None else None
         self._stats: dict[str, TaskStats] = defaultdict(TaskStats)
         self._prefill: dict | None = None
-        self._hooks = [self._model.register_forward_pre_hook(self._prefill_start),
-                       self._model.register_forward_hook(self._prefill_end)]
+        config = self._model.config
+        self._image_token_id = next((getattr(config, k) for k in ("image_token_id", "image_token_index")
+                                     if isinstance(getattr(config, k, None), int)), None)
+        self._hooks = [self._model.register_forward_pre_hook(self._prefill_start, with_kwargs=True),
+                       self._model.register_forward_hook(self._prefill_end, with_kwargs=True)]
         if self.rank == 0:
             eval_logger.info(f"lightkv: {type(self._model).__name__} from {pretrained} on {self._device}, "
                              f"method {self.method!r}, {self._world_size} process(es)")
@@ -236,12 +239,20 @@ class LightKVModel(lmms):
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
-    def _prefill_start(self, module, args) -> None:
-        if self._prefill is not None and "start" not in self._prefill:
-            self._sync()
-            self._prefill["start"] = time.perf_counter()
+    def _prefill_start(self, module, args, kwargs) -> None:
+        record = self._prefill
+        if record is None or "start" in record:
+            return
+        # the prefill's own rows: under beam search generate has already expanded every prompt num_beams times
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor):
+            record["tokens"] = mask.sum(1).tolist()
+            record["has_image"] = (ids == self._image_token_id).any(1).tolist() if self._image_token_id is not None \
+                else [False] * ids.shape[0]
+        self._sync()
+        record["start"] = time.perf_counter()
 
-    def _prefill_end(self, module, args, output) -> None:
+    def _prefill_end(self, module, args, kwargs, output) -> None:
         record = self._prefill
         if record is None or "seconds" in record or "start" not in record:
             return
@@ -256,32 +267,22 @@ class LightKVModel(lmms):
         record["per_slot"] = per_slot
         record["stats"] = self.handle.stats if self.handle is not None else None
 
-    def _record(self, task: str, inputs: dict, record: dict, generate_s: float, output_tokens: int) -> None:
-        real = inputs["attention_mask"].sum(1).tolist()  # tokens of each sequence before compression
+    def _record(self, task: str, prompts: int, record: dict, generate_s: float, output_tokens: int) -> None:
+        """Add one batch's prefill to ``task``'s counters; a sequence is one prompt (with all its beams)."""
         per_slot = record.get("per_slot", [])
+        full_tokens = record.get("tokens", [])  # real tokens of each prefill row before compression
         stats = record.get("stats")
         if stats is not None:
             tokens = stats.tokens
             fractions = [f for f in stats.retained_fraction if f is not None]
         else:
-            tokens = [[n] * len(per_slot) for n in real]
-            has_image = self._has_images(inputs)
-            fractions = [1.0] * sum(has_image)
-        rows = len(tokens)  # num_beams copies of each prompt under beam search
-        beams = max(1, rows // max(1, len(real)))
+            tokens = [[n] * len(per_slot) for n in full_tokens]
+            fractions = [1.0] * sum(record.get("has_image", []))
         kv = sum(sum(n * b for n, b in zip(row, per_slot)) for row in tokens)
-        full = sum(real[r // beams] * sum(per_slot) for r in range(rows))
-        self._stats[task].add(sequences=rows, batches=1, retained_sum=sum(fractions), retained_count=len(fractions),
+        full = sum(full_tokens) * sum(per_slot)
+        self._stats[task].add(sequences=prompts, batches=1, retained_sum=sum(fractions), retained_count=len(fractions),
                               kv_bytes=kv, uncompressed_kv_bytes=full, prefill_s=record.get("seconds", 0.0),
                               generate_s=generate_s, output_tokens=output_tokens)
-
-    def _has_images(self, inputs: dict) -> list[bool]:
-        image_token_id = getattr(self._model.config, "image_token_id", None)
-        if image_token_id is None:
-            image_token_id = getattr(self._model.config, "image_token_index", None)
-        if image_token_id is None:
-            return [False] * inputs["input_ids"].shape[0]
-        return (inputs["input_ids"] == image_token_id).any(1).tolist()
 
     def efficiency(self) -> dict:
         """Per task: sequences, retained_fraction, kv_bytes_per_sequence, kv_ratio, prefill_ms_per_sequence, ..."""
@@ -356,7 +357,7 @@ class LightKVModel(lmms):
             output_tokens += count
             results.append(GenerationResult(truncate_at_stop(text, until), TokenCounts(
                 input_tokens=int(prompt_tokens[r]), output_tokens=count)))
-        self._record(task, inputs, record, elapsed, output_tokens)
+        self._record(task, len(prompts), record, elapsed, output_tokens)
         return results
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -416,7 +417,7 @@ class LightKVModel(lmms):
             total = float(logprobs.gather(1, target[:, None]).sum())
             greedy = bool((logprobs.argmax(-1) == target).all())
             out.append((total, greedy))
-            self._record(task, inputs, record, elapsed, 0)
+            self._record(task, 1, record, elapsed, 0)
         self._write_stats()
         return out
 

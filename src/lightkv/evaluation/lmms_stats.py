@@ -9,7 +9,8 @@ __all__ = ["TaskStats", "summarize"]
 
 @dataclass
 class TaskStats:
-    """Sums over the prefills of one task (a sequence is one prompt; num_beams copies under beam search).
+    """Sums over the prefills of one task. A sequence is one prompt; under beam search its KV bytes count
+    every beam (the cache holds num_beams copies), its retained fraction is the mean over them.
 
     retained_sum / retained_count: retained vision fraction (mean over layers) of the sequences with images.
     kv_bytes / uncompressed_kv_bytes: cache bytes right after prefill, padding excluded, and what the
