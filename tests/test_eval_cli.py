@@ -89,7 +89,7 @@ def test_command_lines(tmp_path):
 
 def test_cli_dry_run(tmp_path, capsys):
     assert main(["eval", "--model", "org/model", "--methods", "none,fastv@0.35", "--tasks", "lightkv_shapes,mme",
-                 "--out", str(tmp_path), "--grid", "24x24", "--method-args", "guidance=uniform", "--dry-run",
+                 "--out", str(tmp_path), "--grid", "24x24", "--model-args", "guidance=uniform", "--dry-run",
                  "--", "--seed", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     assert len(lines) == 2

@@ -215,3 +215,65 @@ def test_plugin_loglikelihood_matches_greedy_answer():
         for (logprob, greedy), answer in zip(scores, answers):
             assert logprob < 0
             assert greedy == (answer == word)
+
+
+def _save_tiny_qwen2_5_vl(folder):
+    """A random tiny Qwen2.5-VL and a real Qwen2_5_VLProcessor (word-level tokenizer, Qwen chat layout), saved like
+    a hub checkpoint: the plugin loads it with AutoModelForImageTextToText / AutoProcessor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from lightkv import testing
+
+    special = {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>", 3: "<unk>",
+               testing.QWEN_VISION_START: "<|vision_start|>", testing.QWEN_VISION_END: "<|vision_end|>",
+               testing.QWEN_VIDEO_TOKEN: "<|video_pad|>", testing.QWEN_IMAGE_TOKEN: "<|image_pad|>"}
+    vocab = {token: i for i, token in special.items()}
+    vocab.update({word: 10 + i for i, word in enumerate("user assistant what color is the shape ? yes no".split())})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        unk_token="<unk>", padding_side="left",
+                                        additional_special_tokens=[t for i, t in special.items() if i not in (0, 3)])
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %} {{ c['text'] }}"
+                "{% endif %}{% endfor %}<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant "
+                "{% endif %}")
+    sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=16 * 16, max_pixels=64 * 64, **sizes),
+        video_processor=Qwen2VLVideoProcessor(**sizes), tokenizer=tokenizer, chat_template=template)
+    testing.tiny_qwen2_5_vl(num_layers=4).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_plugin_runs_qwen2_5_vl(tmp_path):
+    """Another family through the same plugin: images of different sizes in one batch, budget from max_pixels."""
+    import numpy as np
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from lightkv.evaluation.lmms_model import LightKVModel
+
+    folder = _save_tiny_qwen2_5_vl(tmp_path / "qwen")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64 - 8 * (i % 2), 64, 3), dtype=np.uint8)) for i in range(3)]
+    runs = {}
+    for label, kwargs in (("none", {}), ("lightkv@0.55", {"method": "lightkv", "budget": 0.55, "max_pixels": 4096}),
+                          ("grid", {"method": "fastv", "budget": 0.35, "grid": "16x16"})):
+        plugin = LightKVModel(pretrained=str(folder), batch_size=3, **kwargs)
+        plugin.task_dict = {"t": {"test": dict(enumerate({"image": image} for image in images))}}
+        requests = [Instance(
+            request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
+            arguments=("what color is the shape ?", {"max_new_tokens": 2, "temperature": 0},
+                       lambda doc: [doc["image"]], i, "t", "test")) for i in range(len(images))]
+        assert len(plugin.generate_until(requests)) == len(images)
+        runs[label] = plugin.efficiency()["t"]
+    assert runs["none"]["retained_fraction"] == 1.0 and runs["none"]["kv_ratio"] == 1.0
+    assert runs["lightkv@0.55"]["retained_fraction"] == pytest.approx(0.55, abs=0.03)
+    assert runs["grid"]["retained_fraction"] == pytest.approx(0.35, abs=0.01)
+    with pytest.raises(ValueError, match="grid=RxC"):
+        LightKVModel(pretrained=str(folder), method="lightkv", budget=0.55)

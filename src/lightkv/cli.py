@@ -71,9 +71,10 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16 or float32")
     parser.add_argument("--grid", default=None,
                         help="image token grid RxC for budgets on dynamic-resolution models (Qwen2.5-VL)")
-    parser.add_argument("--method-args", default="",
-                        help="more plugin arguments k=v,k=v (lists as 1;2;3), e.g. guidance=uniform or "
-                             "layers=1;2,windows=2;1,ratios=0.5;0.5 instead of a budget")
+    parser.add_argument("--model-args", default="",
+                        help="more model_args of the lightkv lmms-eval model, k=v,k=v (lists as 1;2;3): method "
+                             "fields (guidance=uniform; layers=12;18;24,windows=4;2;1,ratios=0.5;0.5;0.5 instead of "
+                             "a budget), max_pixels=..., attn_implementation=eager, ...")
     parser.add_argument("--include-path", action="append", default=[], help="extra lmms-eval task folder")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (a quick check)")
     parser.add_argument("--shapes-per-family", type=int, default=20, help="questions per family in lightkv_shapes")
@@ -86,10 +87,10 @@ def _eval(args: argparse.Namespace, passthrough: list[str]) -> int:
     from lightkv.evaluation.lmms_run import run_eval
 
     model_args: dict[str, object] = {"device_map": args.device_map, "dtype": args.dtype, "grid": args.grid}
-    for item in filter(None, (part.strip() for part in args.method_args.split(","))):
+    for item in filter(None, (part.strip() for part in args.model_args.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--method-args takes key=value items, got {item!r}")
+            raise SystemExit(f"--model-args takes key=value items, got {item!r}")
         model_args[key.strip()] = value.strip()
     model_args = {k: v for k, v in model_args.items() if v is not None}
     model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())

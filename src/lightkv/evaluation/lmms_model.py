@@ -11,7 +11,8 @@ model_args (besides ``pretrained``):
   budget        average retained vision fraction over all decoder layers (``lightkv.match_budget``); or give
                 the method's own fields instead, lists as [12,18,24] or 12;18;24 (``layers=12;18;24,...``).
   grid          one image's token grid RxC for budget matching (default: from the config of fixed-resolution
-                models such as LLaVA-1.5; required for dynamic-resolution ones such as Qwen2.5-VL).
+                models such as LLaVA-1.5, from max_pixels for the Qwen2-VL family; else required with budget).
+  min_pixels, max_pixels  image size bounds of Qwen2-VL-family processors (passed to AutoProcessor).
   device        a torch device (default: the accelerate process's device: cuda:<local rank> or cpu).
   device_map    passed to from_pretrained ("auto" spreads a large model over the visible GPUs).
   dtype         auto (default), bfloat16, float16, float32.
@@ -28,6 +29,7 @@ the model on its own device and lmms-eval shards the documents.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -80,12 +82,18 @@ def _parse_grid(grid: Any) -> tuple[int, int] | None:
     return rows, cols
 
 
-def _config_grid(config: Any) -> tuple[int, int] | None:
-    """Token grid of one image for fixed-resolution models (CLIP/SigLIP towers); None when it varies."""
+def _config_grid(config: Any, max_pixels: int | None = None) -> tuple[int, int] | None:
+    """Token grid of one image for budget matching: fixed-resolution models (LLaVA-1.5) from the config; models
+    whose grid follows the image (Qwen2-VL family) from ``max_pixels``, the largest image the processor makes
+    (benchmark images are mostly larger, so they come out near it); None otherwise."""
     vision = getattr(config, "vision_config", None)
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
-    if getattr(config, "model_type", None) in ("llava",) and isinstance(size, int) and isinstance(patch, int):
+    if getattr(config, "model_type", None) == "llava" and isinstance(size, int) and isinstance(patch, int):
         return size // patch, size // patch
+    merge = getattr(vision, "spatial_merge_size", None)
+    if max_pixels and isinstance(patch, int) and isinstance(merge, int):
+        side = math.isqrt(int(max_pixels)) // (patch * merge)
+        return (side, side) if side > 0 else None
     return None
 
 
@@ -113,7 +121,8 @@ class LightKVModel(lmms):
                  device: str | None = None, device_map: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "sdpa", batch_size: int | str = 1, max_new_tokens: int = 1024,
                  chat_template: str | None = None, stats_path: str | None = None, trust_remote_code: bool = False,
-                 use_cache: bool = True, max_batch_size: Any = None, **method_fields: Any) -> None:
+                 use_cache: bool = True, min_pixels: int | None = None, max_pixels: int | None = None,
+                 max_batch_size: Any = None, **method_fields: Any) -> None:
         super().__init__()
         from accelerate import Accelerator
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -152,7 +161,8 @@ class LightKVModel(lmms):
         else:
             # inputs go where the input embeddings are; each layer's own device is the engine's business
             self._device = self._model.get_input_embeddings().weight.device
-        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        pixels = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **pixels)
         self._tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self._tokenizer.padding_side = "left"
         if chat_template:
@@ -164,10 +174,10 @@ class LightKVModel(lmms):
         self.stats_path = stats_path
 
         num_layers = len(get_adapter(self._model).decoder_layers) if method not in (None, "", "none") else None
-        grid_hw = _parse_grid(grid) or _config_grid(config)
+        grid_hw = _parse_grid(grid) or _config_grid(config, max_pixels)
         if budget is not None and method not in (None, "", "none") and grid_hw is None:
             raise ValueError(f"cannot tell the image token grid of {type(self._model).__name__} (its resolution "
-                             "varies): give grid=RxC (e.g. grid=24x24) with budget=")
+                             "varies): give grid=RxC (e.g. grid=24x24) or max_pixels= with budget=")
         self.method = build_method(method, budget=budget, num_layers=num_layers, grid=grid_hw, **method_fields)
         self.method_label = "none" if self.method is None else (
             f"{method}@{float(budget):.2f}" if budget is not None else str(method))
