@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lightkv.evaluation.demo import lightkv_schedule
-from lightkv.evaluation.harness import evaluate, load_model, markdown_table, question_set
+from lightkv.evaluation.harness import evaluate, load_model, markdown_table, question_set, vision_grid_side
 from lightkv.evaluation.tiny_model import BUNDLED_MODEL
 
 
@@ -27,7 +27,7 @@ def main():
     args = ap.parse_args()
     model, processor = load_model(args.model)
     L = model.config.text_config.num_hidden_layers
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    side = vision_grid_side(model)
     items = question_set(args.per_family)
     base = evaluate(model, processor, None, items, name="none")
     base.loyalty = 1.0

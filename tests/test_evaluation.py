@@ -151,3 +151,59 @@ def test_caption_names_every_object_once():
         parts = [p.split() for p in shapes.describe(scene).split(" ; ")]
         assert sorted((p[0], p[1], p[2]) for p in parts) == sorted((o.size, o.color, o.shape) for o in scene.objects)
         assert all(p[3] in shapes.QUADRANTS for p in parts)
+
+
+# -- the Qwen2.5-VL-architecture bundled model's path through the same harness ---------------------------------
+
+def test_qwen_processor_round_trip(tmp_path):
+    from lightkv.evaluation.tiny_model import QwenShapesProcessor, format_qwen_prompt
+
+    processor = QwenShapesProcessor()
+    processor.save_pretrained(tmp_path)
+    loaded = QwenShapesProcessor.from_pretrained(tmp_path)
+    scene, [q] = shapes.make_split("test", 1, 1)[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.question}]}]
+    text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.strip() == format_qwen_prompt(q.question)
+    a = processor(images=[scene.image], text=[text], return_tensors="pt")
+    b = loaded(images=[scene.image], text=[text], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert b["image_grid_thw"].tolist() == [[1, 32, 32]]  # 2 px patches; 2 x 2 merged: 16 x 16 tokens
+    assert int(b["mm_token_type_ids"].sum()) == 256 == int((b["input_ids"] == loaded.image_token_id).sum())
+    with pytest.raises(ValueError, match="placeholders"):
+        loaded(images=[scene.image, scene.image], text=[text], return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_checkpoint(tmp_path_factory):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from lightkv.evaluation.tiny_model import QwenShapesProcessor, build_qwen_config
+
+    path = tmp_path_factory.mktemp("tiny-qwen-shapes")
+    processor = QwenShapesProcessor()
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(build_qwen_config(processor.tokenizer, text_layers=4)).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_harness_and_demo_on_a_qwen_checkpoint(tiny_qwen_checkpoint, tmp_path):
+    from lightkv.cli import main
+
+    model, processor = load_model(tiny_qwen_checkpoint)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    items = question_set(num_per_family=2)
+    base = evaluate(model, processor, None, items, progress=False)
+    same = evaluate(model, processor, lightkv.LightKV(layers=[1], windows=[2], ratios=[0.0]), items,
+                    reference=base.answers, progress=False)
+    assert same.answers == base.answers and same.retained_fraction == 1.0
+    method = lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5])
+    r = evaluate(model, processor, method, items, reference=base.answers, progress=False, batch_size=4)
+    expected = lightkv.predict_retained_fraction(method, 4, (16, 16))["retained_fraction"]
+    assert r.retained_fraction == pytest.approx(expected) and r.vision_kv_ratio == pytest.approx(expected)
+    assert main(["demo", "--model", str(tiny_qwen_checkpoint), "--per-family", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in rows] == ["none", "lightkv@0.55", "lightkv@0.30"]
+    assert 0 < rows[1]["flops_ratio"] < 1
+    assert (tmp_path / "merge_maps.png").stat().st_size > 0

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..budget import budget_methods, match_budget
-from .harness import Result, analytic_flops, evaluate, load_model, markdown_table, question_set, write_results
+from .harness import (Result, analytic_flops, evaluate, load_model, markdown_table, model_label, question_set,
+                      vision_grid_side, write_results)
 from .tiny_model import BUNDLED_MODEL
 
 __all__ = ["run_compare"]
@@ -24,7 +25,7 @@ def run_compare(methods: list[str], budgets: list[float], out: str | Path, model
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(budget_methods())}")
     model, processor = load_model(model_path)
     num_layers = model.config.text_config.num_hidden_layers
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    side = vision_grid_side(model)
     items = question_set(per_family)
     print(f"{model_path}: {num_layers} decoder layers, {side}x{side} vision tokens; {len(items)} test questions")
     base = evaluate(model, processor, None, items, name="none", batch_size=batch_size, progress=progress)
@@ -41,7 +42,7 @@ def run_compare(methods: list[str], budgets: list[float], out: str | Path, model
             print(f"  {r.method:18} retained {r.retained_fraction:.3f}  accuracy {100 * r.accuracy:5.1f}  "
                   f"loyalty {100 * r.loyalty:5.1f}", flush=True)
     out = Path(out)
-    write_results(results, out, title="matched budgets, bundled tiny LLaVA")
+    write_results(results, out, title=f"matched budgets, bundled {model_label(model)}")
     table = markdown_table(results)
     print(table)
     meta = {"command": " ".join(["lightkv"] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d", time.gmtime()),

@@ -12,8 +12,9 @@ import torch
 
 from ..budget import match_budget
 from ..methods import LightKV
-from .harness import analytic_flops, evaluate, load_model, markdown_table, question_set, write_results
-from .tiny_model import BUNDLED_MODEL, format_prompt
+from .harness import (analytic_flops, evaluate, load_model, markdown_table, model_label, prompt_for, question_set,
+                      vision_grid_side, write_results)
+from .tiny_model import BUNDLED_MODEL
 
 __all__ = ["run_demo", "lightkv_schedule", "merge_map_figure"]
 
@@ -33,14 +34,15 @@ def merge_map_figure(model, processor, method: LightKV, items, path: Path) -> No
 
     from ..engine import apply
 
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    grid = vision_grid_side(model)
+    prompt = prompt_for(processor)
     rows = len(items)
     stages = len(method.layers)
     fig, axes = plt.subplots(rows, stages + 1, figsize=(2.3 * (stages + 1), 2.5 * rows))
     axes = np.atleast_2d(axes)
     with apply(model, method) as handle, torch.no_grad():
         for r, (scene, question) in enumerate(items):
-            inputs = processor(images=[scene.image], text=[format_prompt(question.question)], return_tensors="pt")
+            inputs = processor(images=[scene.image], text=[prompt(question.question)], return_tensors="pt")
             out = model(**inputs, logits_to_keep=1)
             answer = processor.tokenizer.convert_ids_to_tokens([int(out.logits[0, -1].argmax())])[0]
             image_positions = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
@@ -74,7 +76,7 @@ def run_demo(out: str | Path | None, model_path: str | Path = BUNDLED_MODEL, per
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, processor = load_model(model_path)
     num_layers = model.config.text_config.num_hidden_layers
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    side = vision_grid_side(model)
     items = question_set(per_family)
     print(f"bundled model: {model_path} ({num_layers} decoder layers, {side}x{side} vision tokens); "
           f"{len(items)} test questions ({per_family} per family)")
@@ -94,7 +96,7 @@ def run_demo(out: str | Path | None, model_path: str | Path = BUNDLED_MODEL, per
               f"{r.retained_fraction:.3f} retained vision tokens (vision KV {r.vision_kv_ratio:.3f})")
     if out is not None:
         out = Path(out)
-        write_results(results, out, title="bundled tiny LLaVA, shapes test split")
+        write_results(results, out, title=f"bundled {model_label(model)}, shapes test split")
         figure_items = [items[i] for i in (0, 1, 3, 4)]
         merge_map_figure(model, processor, lightkv_schedule(num_layers, (side, side), 0.55), figure_items,
                          out / "merge_maps.png")

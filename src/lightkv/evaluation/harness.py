@@ -19,21 +19,53 @@ import torch
 from ..engine import apply
 from ..methods import Method
 from .shapes import CHANCE, FAMILIES, Question, Scene
-from .tiny_model import BUNDLED_MODEL, format_prompt
+from .shapes import IMAGE_SIZE
+from .tiny_model import BUNDLED_MODEL, QwenShapesProcessor, format_prompt, format_qwen_prompt
 
-__all__ = ["load_model", "question_set", "Result", "evaluate", "write_results", "markdown_table", "analytic_flops"]
+__all__ = ["load_model", "question_set", "Result", "evaluate", "write_results", "markdown_table", "analytic_flops",
+           "prompt_for", "vision_grid_side", "model_label"]
 
 
 def load_model(path: str | Path = BUNDLED_MODEL, attn_implementation: str = "sdpa"):
-    """Load a model saved with ``save_pretrained`` (offline) and its processor."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+    """Load a bundled model saved with ``save_pretrained`` (offline) and its processor: a LLaVA or a
+    Qwen2.5-VL architecture (the latter with ``QwenShapesProcessor``, as transformers' Qwen processor class
+    needs torchvision)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model at {path}; train one with scripts/train_tiny_llava.py")
-    processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        processor = QwenShapesProcessor.from_pretrained(path)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation)
+    elif model_type == "llava":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation)
+    else:
+        raise ValueError(f"{path}: model_type {model_type!r}; the shapes harness runs 'llava' and 'qwen2_5_vl' models")
     return model.eval(), processor
+
+
+def prompt_for(processor):
+    """The function that turns a question into the model's one-image prompt."""
+    return format_qwen_prompt if isinstance(processor, QwenShapesProcessor) else format_prompt
+
+
+def model_label(model) -> str:
+    """A short name of the bundled architecture for titles."""
+    return {"qwen2_5_vl": "tiny Qwen2.5-VL", "llava": "tiny LLaVA"}.get(model.config.model_type,
+                                                                       model.config.model_type)
+
+
+def vision_grid_side(model) -> int:
+    """Vision tokens per side of a shapes image in the decoder."""
+    v = model.config.vision_config
+    if model.config.model_type == "qwen2_5_vl":
+        return IMAGE_SIZE // (v.patch_size * v.spatial_merge_size)
+    return v.image_size // v.patch_size
 
 
 def question_set(num_per_family: int = 100, split: str = "test") -> list[tuple[Scene, Question]]:
@@ -66,8 +98,9 @@ def analytic_flops(model):
     from ..perf.analytic import profile_from_stats
     from ..perf.specs import dims_from_config
 
-    dims = dims_from_config(model.config, "llava")
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    family = "qwen2_5_vl" if model.config.model_type == "qwen2_5_vl" else "llava"
+    dims = dims_from_config(model.config, family, image_px=IMAGE_SIZE)
+    side = vision_grid_side(model)
     spec = SimpleNamespace(dims=lambda depth=None: dims, grid=lambda: (side, side))  # what profile_from_stats reads
     image_token = model.config.image_token_id
 
@@ -119,6 +152,7 @@ def evaluate(model, processor, method: Method | None, items: list[tuple[Scene, Q
     from tqdm.auto import tqdm
 
     tokenizer = processor.tokenizer
+    prompt = prompt_for(processor)
     handle = apply(model, method) if method is not None else None
     answers: list[str] = []
     retained: list[float] = []
@@ -129,7 +163,7 @@ def evaluate(model, processor, method: Method | None, items: list[tuple[Scene, Q
         bar = tqdm(range(0, len(items), batch_size), desc=name or "none", disable=not progress, leave=False)
         for i in bar:
             chunk = items[i : i + batch_size]
-            inputs = processor(images=[s.image for s, _ in chunk], text=[format_prompt(q.question) for _, q in chunk],
+            inputs = processor(images=[s.image for s, _ in chunk], text=[prompt(q.question) for _, q in chunk],
                                return_tensors="pt", padding=True)
             out = model(**inputs, use_cache=True, logits_to_keep=1)
             answers += tokenizer.convert_ids_to_tokens(out.logits[:, -1].argmax(-1).tolist())

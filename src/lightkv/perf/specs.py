@@ -193,8 +193,9 @@ class ModelSpec:
         return model.eval()
 
 
-def dims_from_config(config: Any, family: str) -> tuple[TextDims, VisionDims]:
-    """TextDims/VisionDims of a LLaVA or Qwen2.5-VL config."""
+def dims_from_config(config: Any, family: str, image_px: int | None = None) -> tuple[TextDims, VisionDims]:
+    """TextDims/VisionDims of a LLaVA or Qwen2.5-VL config (Qwen: for a square image of ``image_px`` pixels,
+    by default the reference image QWEN_IMAGE_PX)."""
     text = config.text_config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -204,7 +205,7 @@ def dims_from_config(config: Any, family: str) -> tuple[TextDims, VisionDims]:
     v = config.vision_config
     if family == "qwen2_5_vl":
         merge = v.spatial_merge_size
-        side = QWEN_IMAGE_PX // v.patch_size  # patches per side of the reference image
+        side = (image_px or QWEN_IMAGE_PX) // v.patch_size  # patches per side of the image
         merged_in = v.hidden_size * merge * merge
         window_tokens = (v.window_size // v.patch_size) ** 2
         vdims = VisionDims(hidden=v.hidden_size, intermediate=v.intermediate_size, layers=v.depth,
