@@ -243,7 +243,7 @@ def _save_tiny_qwen2_5_vl(folder):
                 "{% endif %}")
     sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=16 * 16, max_pixels=64 * 64, **sizes),
+        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, **sizes),
         video_processor=Qwen2VLVideoProcessor(**sizes), tokenizer=tokenizer, chat_template=template)
     testing.tiny_qwen2_5_vl(num_layers=4).save_pretrained(folder)
     processor.save_pretrained(folder)
