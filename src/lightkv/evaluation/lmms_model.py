@@ -123,6 +123,7 @@ class LightKVModel(lmms):
                  chat_template: str | None = None, stats_path: str | None = None, trust_remote_code: bool = False,
                  use_cache: bool = True, min_pixels: int | None = None, max_pixels: int | None = None,
                  max_batch_size: Any = None, **method_fields: Any) -> None:
+        # max_batch_size: passed by lmms-eval's --max_batch_size, unused (batches have a fixed size)
         super().__init__()
         from accelerate import Accelerator
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -159,8 +160,10 @@ class LightKVModel(lmms):
                 self._device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
             self._model.to(self._device)
         else:
-            # inputs go where the input embeddings are; each layer's own device is the engine's business
+            # inputs go where the input embeddings run; each layer's own device is the engine's business
             self._device = self._model.get_input_embeddings().weight.device
+            if self._device.type == "meta":  # offloaded embeddings run on the first GPU
+                self._device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         pixels = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **pixels)
         self._tokenizer = getattr(self.processor, "tokenizer", self.processor)
