@@ -277,3 +277,7 @@ def test_plugin_runs_qwen2_5_vl(tmp_path):
     assert runs["grid"]["retained_fraction"] == pytest.approx(0.35, abs=0.01)
     with pytest.raises(ValueError, match="grid=RxC"):
         LightKVModel(pretrained=str(folder), method="lightkv", budget=0.55)
+    small = LightKVModel(pretrained=str(folder), max_pixels=1024)  # 16 x 16 patches: 8 x 8 = 64 tokens per image
+    assert int((small._inputs(["<|image_pad|>"], [[images[0]]])["input_ids"] == 127).sum()) == 64
+    with pytest.raises(ValueError, match="Qwen2-VL-family"):
+        _plugin(max_pixels=1024)

@@ -97,6 +97,15 @@ def _config_grid(config: Any, max_pixels: int | None = None) -> tuple[int, int] 
     return None
 
 
+def _size_dict(size: Any) -> dict:
+    """An image processor's ``size`` (dict or SizeDict) as a plain dict of its set entries."""
+    if size is None:
+        return {}
+    keys = getattr(size, "__dataclass_fields__", None) or (size.keys() if isinstance(size, dict) else ())
+    return {k: (size[k] if isinstance(size, dict) else getattr(size, k)) for k in keys
+            if (size[k] if isinstance(size, dict) else getattr(size, k)) is not None}
+
+
 class _StopStrings(StoppingCriteria):
     """Ends a row once its decoded continuation contains a stop string (any tokenizer: it reads text, not
     token pieces); the text is cut at the stop string afterwards (``truncate_at_stop``)."""
@@ -164,8 +173,16 @@ class LightKVModel(lmms):
             self._device = self._model.get_input_embeddings().weight.device
             if self._device.type == "meta":  # offloaded embeddings run on the first GPU
                 self._device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-        pixels = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **pixels)
+        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        if min_pixels is not None or max_pixels is not None:
+            # as size= (transformers 5 warns at every call for processors loaded with min_pixels/max_pixels)
+            size = _size_dict(getattr(getattr(self.processor, "image_processor", None), "size", None))
+            if "longest_edge" not in size:
+                raise ValueError("min_pixels / max_pixels apply to Qwen2-VL-family processors (pixel bounds as "
+                                 f"shortest_edge / longest_edge), not to {type(self.processor).__name__}")
+            size.update({k: int(v) for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels))
+                         if v is not None})
+            self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code, size=size)
         self._tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self._tokenizer.padding_side = "left"
         if chat_template:
