@@ -31,13 +31,13 @@ from lightkv.evaluation.tiny_model import (QwenShapesProcessor, build_config, bu
 class Arch:
     """What differs between the two bundled architectures: model class, processor, chat layout, features."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, **shape):
         self.name = name
         if name == "llava":
             from transformers import LlavaForConditionalGeneration
 
             self.processor = build_processor()
-            self.config = build_config(self.processor.tokenizer)
+            self.config = build_config(self.processor.tokenizer, **shape)
             self.model_class = LlavaForConditionalGeneration
             self.prompt = format_prompt
             # '<s> USER: <image> q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...'
@@ -48,7 +48,7 @@ class Arch:
             from transformers import Qwen2_5_VLForConditionalGeneration
 
             self.processor = QwenShapesProcessor()
-            self.config = build_qwen_config(self.processor.tokenizer)
+            self.config = build_qwen_config(self.processor.tokenizer, **shape)
             self.model_class = Qwen2_5_VLForConditionalGeneration
             self.prompt = format_qwen_prompt
             # '<|im_start|> user <|vision_start|><|image_pad|>...<|vision_end|> q1 <|im_end|> <|im_start|> assistant
@@ -188,6 +188,23 @@ def patch_targets(scene, patch):
     return torch.from_numpy(np.stack([color, shape, size, quadrant], axis=1))
 
 
+def auxiliary_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool) -> torch.Tensor:
+    """Sum over the four per-patch targets of the cross-entropy; with ``balance``, the mean over object
+    patches and the mean over background patches weigh half each."""
+    total = logits.new_zeros(())
+    is_object = (labels[..., 0] > 0).reshape(-1).float()
+    for k, part in enumerate(logits.split(AUX_CLASSES, dim=-1)):
+        ce = torch.nn.functional.cross_entropy(part.reshape(-1, part.shape[-1]), labels[..., k].reshape(-1),
+                                               reduction="none")
+        if balance:
+            obj = (ce * is_object).sum() / is_object.sum().clamp(min=1)
+            bg = (ce * (1 - is_object)).sum() / (1 - is_object).sum().clamp(min=1)
+            total = total + 0.5 * (obj + bg)
+        else:
+            total = total + ce.mean()
+    return total
+
+
 @torch.no_grad()
 def quick_eval(model, arch: Arch, items, device, batch_size=50):
     """Accuracy per family of the first-token answer on (scene, [question]) items."""
@@ -229,6 +246,12 @@ def main():
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary vision loss")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
+    ap.add_argument("--heads", type=int, default=6, help="decoder attention heads (hidden size 192)")
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--aux-balance", action="store_true",
+                    help="auxiliary loss: object and background patches weigh half each (objects cover ~10%%)")
     args = ap.parse_args()
     out = Path(args.out or f"models/tiny-{args.arch}-shapes")
     device = torch.device(args.device)
@@ -239,7 +262,8 @@ def main():
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(SPLIT_SEEDS["train"] + args.seed)
-    arch = Arch(args.arch)
+    arch = Arch(args.arch, heads=args.heads, kv_heads=args.kv_heads, rope_theta=args.rope_theta,
+                vision_layers=args.vision_layers)
     model = arch.model_class(arch.config)
     model.set_attn_implementation("sdpa")
     model.to(device).train()
@@ -274,8 +298,7 @@ def main():
         lm_loss = model(**batch).loss
         aux_logits = aux_head(captured["x"])  # (B, 256, sum(AUX_CLASSES))
         patch_labels = patch_labels.to(device)
-        aux_loss = sum(torch.nn.functional.cross_entropy(part.reshape(-1, part.shape[-1]), patch_labels[..., k].reshape(-1))
-                       for k, part in enumerate(aux_logits.split(AUX_CLASSES, dim=-1)))
+        aux_loss = auxiliary_loss(aux_logits, patch_labels, args.aux_balance)
         loss = lm_loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -61,13 +61,15 @@ def build_processor():
                           num_additional_image_tokens=1)
 
 
-def build_config(tokenizer, text_layers: int = 8):
+def build_config(tokenizer, text_layers: int = 8, heads: int = 6, kv_heads: int = 2, rope_theta: float = 10000.0,
+                 vision_layers: int = 4):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=vision_layers, num_attention_heads=4,
                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=128)
     text = LlamaConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers,
-                       num_attention_heads=6, num_key_value_heads=2, vocab_size=len(tokenizer),
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tokenizer),
+                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
                        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
@@ -178,18 +180,22 @@ class QwenShapesProcessor:
         return BatchFeature(out, tensor_type=None)
 
 
-def build_qwen_config(tokenizer, text_layers: int = 8):
+def build_qwen_config(tokenizer, text_layers: int = 8, heads: int = 6, kv_heads: int = 2,
+                      rope_theta: float = 10000.0, vision_layers: int = 4):
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
     # window_size is in pixels: 32 px = 16 x 16 patches = 8 x 8 merged tokens, four windows per 64 px image;
     # blocks 1 and 3 attend over the whole image, as Qwen2.5-VL alternates windowed and full blocks
-    vision = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=QWEN_PATCH_SIZE,
+    vision = dict(depth=vision_layers, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=QWEN_PATCH_SIZE,
                   spatial_merge_size=QWEN_MERGE_SIZE, temporal_patch_size=2, out_hidden_size=192,
-                  window_size=32, fullatt_block_indexes=[1, 3])
-    text = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers, num_attention_heads=6,
-                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024, rms_norm_eps=1e-5,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                  window_size=32, fullatt_block_indexes=list(range(1, vision_layers, 2)))
+    half = 192 // heads // 2  # M-RoPE sections (temporal, rows, columns) in Qwen2.5-VL's 2:3:3 proportion
+    section = [half // 4, half - half // 4 - (half - half // 4) // 2, (half - half // 4) // 2]
+    text = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                                    "mrope_section": section},
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=ids("<|im_end|>"))
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
