@@ -253,9 +253,9 @@ def vision_warmup(model, arch: Arch, aux_head, captured, args, device, log):
             with torch.no_grad():
                 model.model.get_image_features(**{k: v.to(device) for k, v in val_inputs.items()})
                 acc = patch_accuracy(aux_head(captured["x"]).cpu(), val_labels)
-            log.setdefault("vision_warmup", []).append({"step": step, "loss": float(loss), "val_patch_accuracy": acc,
+            log.setdefault("vision_warmup", []).append({"step": step, "loss": loss.item(), "val_patch_accuracy": acc,
                                                         "seconds": time.time() - start})
-            print(f"vision warm-up {step} loss {float(loss):.3f} object-patch accuracy "
+            print(f"vision warm-up {step} loss {loss.item():.3f} object-patch accuracy "
                   + " ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f" {time.time() - start:.0f}s", flush=True)
 
 
