@@ -79,3 +79,30 @@ class KeepPositions(lightkv.Method):
                               for b, kept in enumerate(self.kept)])
         destination = torch.arange(candidates.shape[1]).expand_as(candidates)
         return MergeResult(~candidates | wanted, ctx.hidden, destination)
+
+
+def check_ratio_zero_matches_unpatched(model, inputs):
+    """A schedule that merges nothing gives the unpatched model's logits on every real token."""
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with lightkv.apply(model, lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.0, 0.0])):
+            got = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+def check_remove_restores(model, inputs, method):
+    """apply() changes the logits; remove() gives back bit-identical logits and the original hooks.
+    Returns the unpatched logits."""
+    with torch.no_grad():
+        before = model(**inputs).logits
+        hooks_before = hook_counts(model)
+        handle = lightkv.apply(model, method)
+        assert hook_counts(model) != hooks_before
+        patched = model(**inputs).logits
+        handle.remove()
+        after = model(**inputs).logits
+    assert not torch.allclose(patched, before)  # the patch did something
+    assert torch.equal(after, before)
+    assert hook_counts(model) == hooks_before and not hasattr(model, "_lightkv_handle")
+    return before

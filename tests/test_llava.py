@@ -9,7 +9,7 @@ import torch
 import lightkv
 from lightkv.testing import batch_prompts, llava_prompt, tiny_llava
 
-from helpers import hook_counts
+from helpers import check_ratio_zero_matches_unpatched, check_remove_restores, hook_counts
 
 SCHEDULE = dict(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5])
 GRID_TOKENS = 256
@@ -82,29 +82,12 @@ def test_predicted_fraction_matches_run(sdpa_model):
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_ratio_zero_matches_unpatched(model, batched):
-    inputs = batch_prompts(mixed_prompts(model)) if batched else one_image(model)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with lightkv.apply(model, lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.0, 0.0])):
-            got = model(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    check_ratio_zero_matches_unpatched(model, batch_prompts(mixed_prompts(model)) if batched else one_image(model))
 
 
 def test_remove_restores_model(model):
     inputs = batch_prompts(mixed_prompts(model))
-    with torch.no_grad():
-        before = model(**inputs).logits
-        hooks_before = hook_counts(model)
-        handle = lightkv.apply(model, lightkv.LightKV(**SCHEDULE))
-        assert hook_counts(model) != hooks_before
-        patched = model(**inputs).logits
-        handle.remove()
-        after = model(**inputs).logits
-    assert not torch.allclose(patched, before)  # the patch did something
-    assert torch.equal(after, before)
-    assert hook_counts(model) == hooks_before
-    assert not hasattr(model, "_lightkv_handle")
+    before = check_remove_restores(model, inputs, lightkv.LightKV(**SCHEDULE))
     fresh = tiny_llava(attn_implementation=model.config._attn_implementation)
     with torch.no_grad():
         assert torch.equal(fresh(**inputs).logits, before)

@@ -10,7 +10,8 @@ import lightkv
 from lightkv.adapters import get_adapter
 from lightkv.testing import batch_prompts, qwen_prompt, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
-from helpers import KeepPositions, check_batched_equals_unbatched, generate, hook_counts, run
+from helpers import (KeepPositions, check_batched_equals_unbatched, check_ratio_zero_matches_unpatched,
+                     check_remove_restores, generate, hook_counts, run)
 
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 N_LAYERS = 4
@@ -195,27 +196,11 @@ def test_text_only_prompt_passes_through(model):
 
 
 def test_ratio_zero_matches_unpatched(model):
-    inputs = batch_prompts(mixed_prompts(model))
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        with lightkv.apply(model, lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.0, 0.0])):
-            got = model(**inputs).logits
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    check_ratio_zero_matches_unpatched(model, batch_prompts(mixed_prompts(model)))
 
 
 def test_remove_restores_model(model):
-    inputs = batch_prompts(mixed_prompts(model))
-    with torch.no_grad():
-        before = model(**inputs).logits
-        hooks_before = hook_counts(model)
-        handle = lightkv.apply(model, lightkv.LightKV(**SCHEDULE))
-        patched = model(**inputs).logits
-        handle.remove()
-        after = model(**inputs).logits
-    assert not torch.allclose(patched, before)
-    assert torch.equal(after, before)
-    assert hook_counts(model) == hooks_before and not hasattr(model, "_lightkv_handle")
+    check_remove_restores(model, batch_prompts(mixed_prompts(model)), lightkv.LightKV(**SCHEDULE))
 
 
 @pytest.mark.parametrize("guidance", ["faithful", "uniform"])
