@@ -205,6 +205,11 @@ def auxiliary_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool) ->
     return total
 
 
+def is_vision_parameter(name: str) -> bool:
+    """The vision tower and projector (LLaVA) or the visual tower with its merger (Qwen2.5-VL)."""
+    return any(part in name for part in ("vision_tower", "multi_modal_projector", "visual"))
+
+
 def image_batch(arch: Arch, rng, batch_size):
     """Images only, with their per-patch targets (the vision warm-up phase)."""
     scenes = [make_scene(rng) for _ in range(batch_size)]
@@ -230,7 +235,7 @@ def vision_warmup(model, arch: Arch, aux_head, captured, args, device, log):
     model sees it: LLaVA-style models start from a pretrained vision encoder, and the bundled models, trained
     from scratch, otherwise learn to tell shapes apart (circle / square / cross outlines inside 4 px patches)
     only slowly through the language loss. Costs a fraction of a full step per batch (no decoder)."""
-    params = [p for n, p in model.named_parameters() if any(v in n for v in ("vision_tower", "multi_modal_projector", "visual"))]
+    params = [p for n, p in model.named_parameters() if is_vision_parameter(n)]
     params += list(aux_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.warmup_lr, weight_decay=0.05, betas=(0.9, 0.98))
     steps = args.vision_warmup_steps
@@ -336,9 +341,8 @@ def main():
     # the image (answers at the language prior).
     groups = []
     groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0, "lr": args.vision_lr})
-    vision_names = ("vision_tower", "multi_modal_projector", "visual")
     for is_vision in (False, True):
-        params = [(n, p) for n, p in model.named_parameters() if any(v in n for v in vision_names) == is_vision]
+        params = [(n, p) for n, p in model.named_parameters() if is_vision_parameter(n) == is_vision]
         lr = args.vision_lr if is_vision else args.lr
         groups.append({"params": [p for n, p in params if p.dim() >= 2], "weight_decay": 0.05, "lr": lr})
         groups.append({"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr})

@@ -106,3 +106,17 @@ def check_remove_restores(model, inputs, method):
     assert torch.equal(after, before)
     assert hook_counts(model) == hooks_before and not hasattr(model, "_lightkv_handle")
     return before
+
+
+def check_text_only_passes_through(model, inputs, method, num_layers):
+    """A prompt without images: same logits, a full-length cache on every layer, zero vision tokens in the
+    stats. Returns the stats."""
+    with torch.no_grad():
+        ref = model(**inputs, use_cache=True)
+        with lightkv.apply(model, method) as handle:
+            got = model(**inputs, use_cache=True)
+    n = inputs["input_ids"].shape[1]
+    assert torch.equal(got.logits, ref.logits)
+    assert [layer.keys.shape[2] for layer in got.cache.layers] == [n] * num_layers
+    assert handle.stats.vision_tokens == [[0] * num_layers]
+    return handle.stats

@@ -9,7 +9,8 @@ import torch
 import lightkv
 from lightkv.testing import batch_prompts, llava_prompt, tiny_llava
 
-from helpers import check_ratio_zero_matches_unpatched, check_remove_restores, hook_counts
+from helpers import (check_ratio_zero_matches_unpatched, check_remove_restores, check_text_only_passes_through,
+                     hook_counts)
 
 SCHEDULE = dict(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5])
 GRID_TOKENS = 256
@@ -147,15 +148,9 @@ def test_beam_search_and_sampling(sdpa_model):
 
 def test_text_only_prompt_passes_through(model):
     inputs = llava_prompt(model, [1, 14, 15, 16, 17], [18, 19], num_images=0)
-    with torch.no_grad():
-        ref = model(**inputs, use_cache=True)
-        with lightkv.apply(model, lightkv.LightKV(**SCHEDULE)) as handle:
-            got = model(**inputs, use_cache=True)
-    n = inputs["input_ids"].shape[1]
-    assert torch.equal(got.logits, ref.logits)
-    assert [layer.keys.shape[2] for layer in got.cache.layers] == [n] * 4
-    assert handle.stats.vision_tokens == [[0] * 4] and handle.stats.tokens == [[n] * 4]
-    assert handle.stats.mean_retained_fraction is None and handle.stats.kv_ratio == 1.0
+    stats = check_text_only_passes_through(model, inputs, lightkv.LightKV(**SCHEDULE), 4)
+    assert stats.tokens == [[inputs["input_ids"].shape[1]] * 4]
+    assert stats.mean_retained_fraction is None and stats.kv_ratio == 1.0
 
 
 def test_text_continuation_on_compressed_cache(sdpa_model):

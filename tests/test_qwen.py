@@ -11,7 +11,7 @@ from lightkv.adapters import get_adapter
 from lightkv.testing import batch_prompts, qwen_prompt, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
 from helpers import (KeepPositions, check_batched_equals_unbatched, check_ratio_zero_matches_unpatched,
-                     check_remove_restores, generate, hook_counts, run)
+                     check_remove_restores, check_text_only_passes_through, generate, hook_counts, run)
 
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 N_LAYERS = 4
@@ -181,15 +181,8 @@ def test_several_images_and_video_in_one_batch(model):
 
 
 def test_text_only_prompt_passes_through(model):
-    inputs = mixed_prompts(model)[3]
-    with torch.no_grad():
-        ref = model(**inputs, use_cache=True)
-        with lightkv.apply(model, lightkv.LightKV(**SCHEDULE)) as handle:
-            got = model(**inputs, use_cache=True)
-    n = inputs["input_ids"].shape[1]
-    assert torch.equal(got.logits, ref.logits)
-    assert [layer.keys.shape[2] for layer in got.cache.layers] == [n] * N_LAYERS
-    assert handle.stats.vision_tokens == [[0] * N_LAYERS] and handle.stats.mean_retained_fraction is None
+    stats = check_text_only_passes_through(model, mixed_prompts(model)[3], lightkv.LightKV(**SCHEDULE), N_LAYERS)
+    assert stats.mean_retained_fraction is None
 
 
 # -- equivalences -------------------------------------------------------------------------------------------------
