@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightkv.evaluation.shapes import (COLORS, FAMILIES, SHAPES, SIZES, SPLIT_SEEDS, describe, make_questions,
-                                      make_scene, make_split, object_mask)
+from lightkv.evaluation.shapes import (COLORS, FAMILIES, QUADRANTS, SHAPES, SIZES, SPLIT_SEEDS, describe,
+                                      make_questions, make_scene, make_split, object_mask)
 from lightkv.evaluation.tiny_model import (QwenShapesProcessor, build_config, build_processor, build_qwen_config,
                                           format_prompt, format_qwen_prompt)
 
@@ -70,6 +70,19 @@ class Arch:
         # the merged tokens in raster order (the tower's pooler_output)
         return model.model.visual.register_forward_hook(
             lambda m, a, out: captured.__setitem__("x", out.pooler_output.reshape(-1, 256, out.pooler_output.shape[-1])))
+
+    def projector_hook(self, model, captured):
+        """Record the image features in the decoder's embedding space (B, 256, hidden), for the alignment loss."""
+        if self.name == "llava":
+            return model.model.multi_modal_projector.register_forward_hook(
+                lambda m, a, out: captured.__setitem__("projected", out))
+        return model.model.visual.register_forward_hook(
+            lambda m, a, out: captured.__setitem__("projected", out.pooler_output.reshape(-1, 256, out.pooler_output.shape[-1])))
+
+    def attribute_word_ids(self) -> list[torch.Tensor]:
+        """Token ids of the color, shape, size and quadrant words, in the auxiliary targets' class order."""
+        tok = self.processor.tokenizer.convert_tokens_to_ids
+        return [torch.tensor([tok(w) for w in words]) for words in (list(COLORS), SHAPES, list(SIZES), QUADRANTS)]
 
     def feature_dim(self) -> int:
         return self.config.vision_config.hidden_size if self.name == "llava" else self.config.vision_config.out_hidden_size
@@ -129,14 +142,14 @@ def mrope_positions(input_ids: torch.Tensor, position: torch.Tensor, image_token
     return torch.where(after.unsqueeze(0), out - (side * side - side), out)
 
 
-def make_batch(arch: Arch, rng, batch_size, max_qas, caption_rate=0.5):
+def make_batch(arch: Arch, rng, batch_size, max_qas, caption_rate=0.5, min_qas=1, families=FAMILIES):
     processor, patch = arch.processor, 4  # one vision token covers 4 x 4 pixels in both architectures
     tokenizer = processor.tokenizer
     images, seqs, patch_labels = [], [], []
     for _ in range(batch_size):
         scene = make_scene(rng)
-        count = int(rng.integers(1, max_qas + 1))
-        qas = [(q.question, q.answer) for q in make_questions(scene, rng, count)]
+        count = int(rng.integers(min_qas, max_qas + 1))
+        qas = [(q.question, q.answer) for q in make_questions(scene, rng, count, families)]
         if rng.random() < caption_rate:
             # a dense caption turn (every object's attributes and quadrant): far more supervision per image
             # than one-word answers, so the vision tower learns to see sooner
@@ -166,12 +179,13 @@ def make_batch(arch: Arch, rng, batch_size, max_qas, caption_rate=0.5):
     return batch, torch.stack(patch_labels)
 
 
-AUX_CLASSES = (1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), 4)  # color, shape, size (0 = background), quadrant
+# color, shape, size (0 = background), quadrant, row, column of the patch
+AUX_CLASSES = (1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES), 4, 16, 16)
 
 
 def patch_targets(scene, patch):
-    """(P, 4) long per-patch targets of the auxiliary vision loss: the object under the patch centre (its
-    color, shape and size; 0 on background) and the patch's quadrant of the image."""
+    """(P, 6) long per-patch targets of the auxiliary vision loss: the object under the patch centre (its
+    color, shape and size; 0 on background), the patch's quadrant of the image, its row and its column."""
     mask = object_mask(scene)
     side = mask.shape[0] // patch
     centre = mask[patch // 2 :: patch, patch // 2 :: patch][:side, :side].reshape(-1)
@@ -185,7 +199,7 @@ def patch_targets(scene, patch):
         size[at] = 1 + list(SIZES).index(obj.size)
     rows, cols = np.divmod(np.arange(side * side), side)
     quadrant = (rows >= side // 2) * 2 + (cols >= side // 2)
-    return torch.from_numpy(np.stack([color, shape, size, quadrant], axis=1))
+    return torch.from_numpy(np.stack([color, shape, size, quadrant, rows, cols], axis=1))
 
 
 def auxiliary_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool) -> torch.Tensor:
@@ -203,6 +217,37 @@ def auxiliary_loss(logits: torch.Tensor, labels: torch.Tensor, balance: bool) ->
         else:
             total = total + ce.mean()
     return total
+
+
+def alignment_loss(projected: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor,
+                   word_ids: list[torch.Tensor], temperature: float = 10.0) -> torch.Tensor:
+    """Image features aligned with the decoder's word embeddings (the role of LLaVA's stage-1 alignment, which
+    a from-scratch model lacks): on object patches, the cosine similarity between the projected feature and
+    the embedding of each color / shape / size / quadrant word, scaled, must pick the patch's own word."""
+    is_object = labels[..., 0] > 0
+    x = torch.nn.functional.normalize(projected[is_object], dim=-1)
+    total = projected.new_zeros(())
+    for k, ids in enumerate(word_ids):
+        words = torch.nn.functional.normalize(embeddings[ids.to(embeddings.device)], dim=-1)
+        target = labels[is_object][:, k] - (1 if k < 3 else 0)  # color/shape/size classes start at 1
+        total = total + torch.nn.functional.cross_entropy(temperature * x @ words.T, target)
+    return total
+
+
+def tie_query_key_init(model, scale: float) -> None:
+    """Start every decoder query head with the weights of the key head it reads (scaled): q.k is then a
+    positive form of the two tokens' hidden states, so a question word attends to the image tokens that
+    resemble it from the first step (with the alignment loss, the tokens of the object it names) instead of
+    waiting for gradient descent to find that match."""
+    text = model.config.get_text_config()
+    group = text.num_attention_heads // text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attn = layer.self_attn
+            attn.k_proj.weight.mul_(scale)
+            keys = attn.k_proj.weight.view(text.num_key_value_heads, head_dim, -1)
+            attn.q_proj.weight.copy_(keys.repeat_interleave(group, dim=0).reshape_as(attn.q_proj.weight))
 
 
 def is_vision_parameter(name: str) -> bool:
@@ -224,13 +269,14 @@ def patch_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     """Accuracy of the auxiliary head on object patches, per target (color, shape, size) and quadrant."""
     is_object = labels[..., 0] > 0
     out = {}
-    for k, (name, part) in enumerate(zip(("color", "shape", "size", "quadrant"), logits.split(AUX_CLASSES, -1))):
+    names = ("color", "shape", "size", "quadrant", "row", "column")
+    for k, (name, part) in enumerate(zip(names, logits.split(AUX_CLASSES, -1))):
         hit = part.argmax(-1) == labels[..., k]
         out[name] = float(hit[is_object].float().mean())
     return out
 
 
-def vision_warmup(model, arch: Arch, aux_head, captured, args, device, log):
+def vision_warmup(model, arch: Arch, aux_head, captured, args, device, log, word_ids):
     """Train the vision tower (and projector) with the auxiliary per-patch loss alone before the language
     model sees it: LLaVA-style models start from a pretrained vision encoder, and the bundled models, trained
     from scratch, otherwise learn to tell shapes apart (circle / square / cross outlines inside 4 px patches)
@@ -248,7 +294,11 @@ def vision_warmup(model, arch: Arch, aux_head, captured, args, device, log):
     for step in range(1, steps + 1):
         inputs, labels = image_batch(arch, rng, args.warmup_batch)
         model.model.get_image_features(**{k: v.to(device) for k, v in inputs.items()})
-        loss = auxiliary_loss(aux_head(captured["x"]), labels.to(device), True)
+        labels = labels.to(device)
+        loss = auxiliary_loss(aux_head(captured["x"]), labels, True)
+        if args.align_weight:
+            embeddings = model.get_input_embeddings().weight.detach()  # fixed targets while the decoder waits
+            loss = loss + args.align_weight * alignment_loss(captured["projected"], labels, embeddings, word_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -295,6 +345,16 @@ def main():
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-qas", type=int, default=10)
+    ap.add_argument("--min-qas", type=int, default=1, help="question turns per image: uniform in [min, max]")
+    ap.add_argument("--family-weights", default="",
+                    help="how often each question family is drawn, e.g. 'existence=2,spatial=2' (default 1 each)")
+    ap.add_argument("--init-from", default=None, help="start from these weights (no vision warm-up); for pilots")
+    ap.add_argument("--init-vision-from", default=None,
+                    help="take the vision tower and projector from this model (no vision warm-up); for pilots")
+    ap.add_argument("--align-weight", type=float, default=0.0,
+                    help="weight of the loss aligning image features with the decoder's word embeddings")
+    ap.add_argument("--qk-tied-init", type=float, default=0.0,
+                    help="start query heads as copies of their key heads, weights scaled by this (0: off)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=100)
@@ -327,7 +387,13 @@ def main():
     rng = np.random.default_rng(SPLIT_SEEDS["train"] + args.seed)
     arch = Arch(args.arch, heads=args.heads, kv_heads=args.kv_heads, rope_theta=args.rope_theta,
                 vision_layers=args.vision_layers)
-    model = arch.model_class(arch.config)
+    model = arch.model_class(arch.config) if args.init_from is None else arch.model_class.from_pretrained(args.init_from)
+    if args.init_vision_from:
+        donor = arch.model_class.from_pretrained(args.init_vision_from).state_dict()
+        missing = model.load_state_dict({k: v for k, v in donor.items() if is_vision_parameter(k)}, strict=False)
+        print(f"vision tower and projector from {args.init_vision_from} ({len(missing.missing_keys)} decoder tensors new)")
+    if args.qk_tied_init:
+        tie_query_key_init(model, args.qk_tied_init)
     model.set_attn_implementation("sdpa")
     model.to(device).train()
     # Auxiliary dense loss on the image features the decoder reads: a linear head predicts, per vision token,
@@ -335,6 +401,8 @@ def main():
     # language loss alone would; the head is not part of the saved model.
     captured = {}
     arch.feature_hook(model, captured)
+    arch.projector_hook(model, captured)
+    word_ids = arch.attribute_word_ids()
     aux_head = torch.nn.Linear(arch.feature_dim(), sum(AUX_CLASSES)).to(device)
     # The vision tower and projector get a lower learning rate: at the language model's rate their residual
     # stream grew to ~1000x the text embeddings' norm within a few hundred steps and the model stopped using
@@ -350,20 +418,31 @@ def main():
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     val_items = make_split("val", args.eval_images, 1)
+    weights = {f: 1 for f in FAMILIES}
+    for part in filter(None, args.family_weights.split(",")):
+        name, value = part.split("=")
+        if name not in weights:
+            raise SystemExit(f"--family-weights: unknown family {name!r}; families are {FAMILIES}")
+        weights[name] = int(value)
+    families = tuple(f for f in FAMILIES for _ in range(weights[f]))
     log = {"args": vars(args) | {"out": str(out)}, "steps": []}
-    if args.vision_warmup_steps:
-        vision_warmup(model, arch, aux_head, captured, args, device, log)
+    if args.vision_warmup_steps and args.init_from is None and args.init_vision_from is None:
+        vision_warmup(model, arch, aux_head, captured, args, device, log, word_ids)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     running = aux_running = None
     for step in range(1, args.steps + 1):
-        batch, patch_labels = make_batch(arch, rng, args.batch_size, args.max_qas, args.caption_rate)
+        batch, patch_labels = make_batch(arch, rng, args.batch_size, args.max_qas, args.caption_rate, args.min_qas,
+                                         families)
         batch = {k: v.to(device) for k, v in batch.items()}
         lm_loss = model(**batch).loss
         aux_logits = aux_head(captured["x"])  # (B, 256, sum(AUX_CLASSES))
         patch_labels = patch_labels.to(device)
         aux_loss = auxiliary_loss(aux_logits, patch_labels, args.aux_balance)
         loss = lm_loss + args.aux_weight * aux_loss
+        if args.align_weight:
+            loss = loss + args.align_weight * alignment_loss(captured["projected"], patch_labels,
+                                                             model.get_input_embeddings().weight, word_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

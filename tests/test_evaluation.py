@@ -57,7 +57,22 @@ def test_test_items_are_family_balanced():
     counts = Counter(q.family for _, q in items)
     assert counts == {f: 12 for f in shapes.FAMILIES}
     yes = sum(q.answer == "yes" for _, q in items if q.family == "existence")
-    assert 3 <= yes <= 9
+    assert yes == 6  # existence answers alternate
+
+
+def test_existence_is_balanced_with_several_questions_per_scene():
+    """Dropping repeated questions must not tilt existence towards "no" (a scene has one "yes" question per
+    object but many hard negatives)."""
+    rng = np.random.default_rng(3)
+    answers = Counter()
+    for _ in range(600):
+        scene = shapes.make_scene(rng)
+        for q in shapes.make_questions(scene, rng, int(rng.integers(1, 11))):
+            if q.family == "existence":
+                answers[q.answer] += 1
+    assert abs(answers["yes"] - answers["no"]) / sum(answers.values()) < 0.05
+    fixed = shapes.make_questions(shapes.make_scene(rng), rng, 1, families=("existence",), existence_answer="yes")
+    assert [q.answer for q in fixed] == ["yes"]
 
 
 def test_processor_round_trip(tmp_path):

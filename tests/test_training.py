@@ -31,7 +31,7 @@ def test_packed_turns_equal_single_prompts(train, arch_name):
     model = arch.model_class(arch.config).eval()
     model.set_attn_implementation("sdpa")
     batch, patch_labels = train.make_batch(arch, np.random.default_rng(1), 2, 3, caption_rate=1.0)
-    assert patch_labels.shape == (2, 256, 4)
+    assert patch_labels.shape == (2, 256, 6)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     rng = np.random.default_rng(1)  # replay make_batch's draws
@@ -60,3 +60,39 @@ def test_turn_mask(train):
     assert mask[3].tolist() == [True, True, True, True, False, False, False]
     assert mask[5].tolist() == [True, True, False, False, True, True, False]
     assert mask[6].tolist() == [False] * 6 + [True]
+
+
+def test_tied_query_key_init_makes_attention_prefer_similar_tokens(train):
+    """After tie_query_key_init every query head holds its key head's weights, so q.k is a positive form."""
+    torch.manual_seed(0)
+    arch = train.Arch("llava")
+    model = arch.model_class(arch.config)
+    train.tie_query_key_init(model, 2.0)
+    text = model.config.get_text_config()
+    attn = model.model.language_model.layers[3].self_attn
+    q = attn.q_proj.weight.view(text.num_attention_heads, text.head_dim, -1)
+    k = attn.k_proj.weight.view(text.num_key_value_heads, text.head_dim, -1)
+    group = text.num_attention_heads // text.num_key_value_heads
+    for h in range(text.num_attention_heads):
+        assert torch.equal(q[h], k[h // group])
+    x = torch.randn(50, text.hidden_size)
+    for h in range(text.num_attention_heads):
+        scores = (x @ q[h].T) @ (x @ k[h // group].T).T
+        # without rotary positions a token's own key is its best match
+        assert (scores.argmax(-1) == torch.arange(50)).float().mean() > 0.9
+
+
+def test_alignment_loss_prefers_the_patch_words(train):
+    arch = train.Arch("llava")
+    model = arch.model_class(arch.config)
+    embeddings = model.get_input_embeddings().weight.detach()
+    word_ids = arch.attribute_word_ids()
+    rng = np.random.default_rng(0)
+    labels = torch.stack([train.patch_targets(make_scene(rng), 4) for _ in range(2)])
+    aligned = torch.zeros(2, 256, embeddings.shape[1])
+    for k, ids in enumerate(word_ids):  # each patch = the sum of its own words' embeddings
+        classes = (labels[..., k] - (1 if k < 3 else 0)).clamp(min=0)
+        aligned += embeddings[ids][classes]
+    good = train.alignment_loss(aligned, labels, embeddings, word_ids)
+    bad = train.alignment_loss(torch.randn_like(aligned), labels, embeddings, word_ids)
+    assert good < 0.5 * bad

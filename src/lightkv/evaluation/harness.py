@@ -69,7 +69,8 @@ def vision_grid_side(model) -> int:
 
 
 def question_set(num_per_family: int = 100, split: str = "test") -> list[tuple[Scene, Question]]:
-    """A family-balanced list of (scene, question): one question per image, families in turn."""
+    """A family-balanced list of (scene, question): one question per image, families in turn; existence
+    answers alternate yes / no (exactly balanced)."""
     from .shapes import make_questions, make_scene, SPLIT_SEEDS
     import numpy as np
 
@@ -83,7 +84,8 @@ def question_set(num_per_family: int = 100, split: str = "test") -> list[tuple[S
         family = FAMILIES[len(items) % len(FAMILIES)]
         if counts[family] >= num_per_family:
             family = min(counts, key=counts.get)
-        qs = make_questions(scene, rng, 1, families=(family,))
+        answer = ("yes", "no")[counts["existence"] % 2] if family == "existence" else None
+        qs = make_questions(scene, rng, 1, families=(family,), existence_answer=answer)
         if qs:
             items.append((scene, qs[0]))
             counts[family] += 1

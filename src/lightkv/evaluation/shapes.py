@@ -140,13 +140,19 @@ def _relation(a: Obj, b: Obj) -> str | None:
     return "above" if dy < 0 else "below"
 
 
+def _existence_text(color: str, shape: str) -> str:
+    return f"is there a {color} {shape} ?"
+
+
 def _quadrant(o: Obj) -> str:
     top = o.y < IMAGE_SIZE / 2
     left = o.x < IMAGE_SIZE / 2
     return ("top-" if top else "bottom-") + ("left" if left else "right")
 
 
-def _question(family: str, scene: Scene, rng: np.random.Generator) -> Question | None:
+def _question(family: str, scene: Scene, rng: np.random.Generator, answer: str | None = None) -> Question | None:
+    """One question of ``family`` about the scene, or None when the draw does not fit it; ``answer`` ("yes" or
+    "no") fixes the answer of an existence question."""
     objs = scene.objects
     pick = objs[int(rng.integers(len(objs)))]
     if family == "attribute":
@@ -159,8 +165,11 @@ def _question(family: str, scene: Scene, rng: np.random.Generator) -> Question |
             return Question(family, f"what shape is the {pick.color} object ?", pick.shape)
         return Question(family, f"what size is the {pick.shape} ?", pick.size)
     if family == "existence":
-        if rng.random() < 0.5:
-            return Question(family, f"is there a {pick.color} {pick.shape} ?", "yes")
+        want_yes = rng.random() < 0.5
+        if answer is not None:
+            want_yes = answer == "yes"
+        if want_yes:
+            return Question(family, _existence_text(pick.color, pick.shape), "yes")
         present = {(o.color, o.shape) for o in objs}
         for _ in range(20):  # hard negative: change one attribute of a present object
             if rng.random() < 0.5:
@@ -168,7 +177,7 @@ def _question(family: str, scene: Scene, rng: np.random.Generator) -> Question |
             else:
                 cand = (pick.color, SHAPES[int(rng.integers(len(SHAPES)))])
             if cand not in present:
-                return Question(family, f"is there a {cand[0]} {cand[1]} ?", "no")
+                return Question(family, _existence_text(*cand), "no")
         return None
     if family == "counting":
         return Question(family, "how many objects are there ?", COUNT_WORDS[len(objs)])
@@ -193,17 +202,34 @@ def describe(scene: Scene) -> str:
 
 
 def make_questions(scene: Scene, rng: np.random.Generator, count: int,
-                   families: tuple[str, ...] = FAMILIES) -> list[Question]:
-    """Up to ``count`` distinct questions about a scene, families drawn uniformly (retrying the invalid)."""
+                   families: tuple[str, ...] = FAMILIES, existence_answer: str | None = None) -> list[Question]:
+    """Up to ``count`` distinct questions about a scene, families drawn uniformly from ``families`` (a family
+    listed twice is drawn twice as often), retrying the invalid.
+
+    Existence answers stay balanced: once the scene's yes and no counts differ, the next existence question
+    asks for the rarer answer, and none is asked at even counts when every "yes" question has been asked
+    (without this, dropping repeated questions drops more "yes" questions, of which a scene has one per
+    object, than hard negatives). ``existence_answer`` fixes the answer instead.
+    """
     out: list[Question] = []
     seen: set[str] = set()
+    yes_no = {"yes": 0, "no": 0}
     for _ in range(count * 8):
         if len(out) == count:
             break
-        q = _question(families[int(rng.integers(len(families)))], scene, rng)
+        family = families[int(rng.integers(len(families)))]
+        answer = existence_answer
+        if family == "existence" and answer is None:
+            if yes_no["yes"] != yes_no["no"]:
+                answer = min(yes_no, key=yes_no.get)
+            elif all(_existence_text(o.color, o.shape) in seen for o in scene.objects):
+                continue  # every "yes" question is asked: a "no" now could not be paired
+        q = _question(family, scene, rng, answer)
         if q is not None and q.question not in seen:
             seen.add(q.question)
             out.append(q)
+            if q.family == "existence":
+                yes_no[q.answer] += 1
     return out
 
 
