@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightkv.evaluation.shapes import (COLORS, FAMILIES, QUADRANTS, SHAPES, SIZES, SPLIT_SEEDS, describe,
+from lightkv.evaluation.shapes import (COLORS, FAMILIES, IMAGE_SIZE, QUADRANTS, SHAPES, SIZES, SPLIT_SEEDS, describe,
                                       make_questions, make_scene, make_split, object_mask)
 from lightkv.evaluation.tiny_model import (QwenShapesProcessor, build_config, build_processor, build_qwen_config,
                                           format_prompt, format_qwen_prompt)
@@ -92,7 +92,8 @@ def encode_sequence(arch: Arch, n_image_tokens, qas):
     """One image and several question/answer turns packed in one sequence (answers may be several words: the
     dense caption turn); the loss covers the answer words and the turn's end token.
 
-    Returns ids, labels, segment (0: the shared prefix with the image, k: turn k) and position. Each turn is
+    Returns ids, labels, segment (0: the shared prefix with the image, k: turn k), position and the index of
+    each turn's first token. Each turn is
     laid out as if it were the only one: it starts at the position right after the prefix and, through the
     attention mask built in make_batch, sees only the prefix and itself. So every turn is exactly the
     evaluation prompt followed by its answer, and no turn can copy an answer from another turn's text (with
@@ -106,14 +107,53 @@ def encode_sequence(arch: Arch, n_image_tokens, qas):
     segment = [0] * len(ids)
     position = list(range(len(ids)))
     prefix = len(ids)
+    starts = []
     for k, (question, answer) in enumerate(qas, start=1):
+        starts.append(len(ids))
         prompt = [tok(w) for w in question.split() + arch.assistant]
         answer_ids = [tok(w) for w in answer.split()] + [tok(arch.end)]
         ids += prompt + answer_ids
         labels += [-100] * len(prompt) + answer_ids
         segment += [k] * (len(prompt) + len(answer_ids))
         position += list(range(prefix, prefix + len(prompt) + len(answer_ids)))
-    return ids, labels, segment, position
+    return ids, labels, segment, position, starts
+
+
+# present, color, shape, size, quadrant, row, column of the object a question word names
+GROUND_CLASSES = (2, len(COLORS), len(SHAPES), len(SIZES), 4, 16, 16)
+
+
+def grounding_targets(scene, question: str) -> list[tuple[int, list[int]]]:
+    """(word index, targets) for the question words that name an object: the shape word (or, in "what shape is
+    the <color> object", the color word; in an existence question, its last word) with the named object's
+    attributes and place, or only "absent" when no object matches."""
+    words = question.split()
+
+    def targets(o):
+        row, col = min(15, int(o.y) // 4), min(15, int(o.x) // 4)
+        quadrant = 2 * (o.y >= IMAGE_SIZE / 2) + (o.x >= IMAGE_SIZE / 2)
+        return [1, list(COLORS).index(o.color), SHAPES.index(o.shape), list(SIZES).index(o.size), int(quadrant), row, col]
+
+    if words[:3] == ["is", "there", "a"]:
+        match = [o for o in scene.objects if o.color == words[3] and o.shape == words[4]]
+        return [(4, targets(match[0]) if match else [0] + [-100] * 6)]
+    if words[:2] == ["what", "shape"]:
+        return [(4, targets(next(o for o in scene.objects if o.color == words[4])))]
+    by_shape = {o.shape: o for o in scene.objects}
+    return [(i, targets(by_shape[w])) for i, w in enumerate(words) if w in by_shape]
+
+
+def grounding_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the grounding head on the marked question words (targets -100 elsewhere)."""
+    total = logits.new_zeros(())
+    marked = targets[..., 0] >= 0
+    if not marked.any():
+        return total
+    for k, part in enumerate(logits[marked].split(GROUND_CLASSES, dim=-1)):
+        target = targets[marked][:, k]
+        if (target >= 0).any():  # (absent objects have no attributes)
+            total = total + torch.nn.functional.cross_entropy(part[target >= 0], target[target >= 0])
+    return total
 
 
 def turn_mask(segment: torch.Tensor) -> torch.Tensor:
@@ -145,7 +185,7 @@ def mrope_positions(input_ids: torch.Tensor, position: torch.Tensor, image_token
 def make_batch(arch: Arch, rng, batch_size, max_qas, caption_rate=0.5, min_qas=1, families=FAMILIES):
     processor, patch = arch.processor, 4  # one vision token covers 4 x 4 pixels in both architectures
     tokenizer = processor.tokenizer
-    images, seqs, patch_labels = [], [], []
+    images, seqs, patch_labels, grounds = [], [], [], []
     for _ in range(batch_size):
         scene = make_scene(rng)
         count = int(rng.integers(min_qas, max_qas + 1))
@@ -157,12 +197,17 @@ def make_batch(arch: Arch, rng, batch_size, max_qas, caption_rate=0.5, min_qas=1
         images.append(scene.image)
         patch_labels.append(patch_targets(scene, patch))
         seqs.append(encode_sequence(arch, 256, qas))
+        grounds.append([(start + i, t) for start, (question, _) in zip(seqs[-1][4], qas)
+                        for i, t in grounding_targets(scene, question)])
     length = max(len(s[0]) for s in seqs)
     input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
     labels = torch.full((batch_size, length), -100)
     segment = torch.full((batch_size, length), -1)
     position = torch.zeros(batch_size, length, dtype=torch.long)
-    for b, (ids, lab, seg, pos) in enumerate(seqs):
+    ground = torch.full((batch_size, length, len(GROUND_CLASSES)), -100)
+    for b, (ids, lab, seg, pos, _) in enumerate(seqs):
+        for i, t in grounds[b]:
+            ground[b, i] = torch.tensor(t)
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
         segment[b, : len(seg)] = torch.tensor(seg)
@@ -176,7 +221,7 @@ def make_batch(arch: Arch, rng, batch_size, max_qas, caption_rate=0.5, min_qas=1
         batch["image_grid_thw"] = vision["image_grid_thw"]
         batch["mm_token_type_ids"] = (input_ids == arch.image_token_id).to(torch.int32)
         batch["position_ids"] = mrope_positions(input_ids, position, arch.image_token_id, 16)
-    return batch, torch.stack(patch_labels)
+    return batch, torch.stack(patch_labels), ground
 
 
 # color, shape, size (0 = background), quadrant, row, column of the patch
@@ -353,6 +398,10 @@ def main():
                     help="take the vision tower and projector from this model (no vision warm-up); for pilots")
     ap.add_argument("--align-weight", type=float, default=0.0,
                     help="weight of the loss aligning image features with the decoder's word embeddings")
+    ap.add_argument("--ground-weight", type=float, default=0.0,
+                    help="weight of the grounding loss: a probe on a middle decoder layer must tell, at each question "
+                         "word that names an object, whether it is there and its attributes and place")
+    ap.add_argument("--ground-layer", type=int, default=3, help="decoder layer whose output the probe reads")
     ap.add_argument("--qk-tied-init", type=float, default=0.0,
                     help="start query heads as copies of their key heads, weights scaled by this (0: off)")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -404,11 +453,18 @@ def main():
     arch.projector_hook(model, captured)
     word_ids = arch.attribute_word_ids()
     aux_head = torch.nn.Linear(arch.feature_dim(), sum(AUX_CLASSES)).to(device)
+    # Grounding probe (dropped after training like aux_head): the question words that name an object learn to
+    # look it up in the image by a middle layer, so the answer position only has to read them; without it the
+    # decoder ignored those words (swapping "circle" for "cross" changed no answer) and answered from priors.
+    ground_head = torch.nn.Linear(arch.config.get_text_config().hidden_size, sum(GROUND_CLASSES)).to(device)
+    model.model.language_model.layers[args.ground_layer].register_forward_hook(
+        lambda m, a, out: captured.__setitem__("hidden", out[0] if isinstance(out, tuple) else out))
     # The vision tower and projector get a lower learning rate: at the language model's rate their residual
     # stream grew to ~1000x the text embeddings' norm within a few hundred steps and the model stopped using
     # the image (answers at the language prior).
     groups = []
     groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0, "lr": args.vision_lr})
+    groups.append({"params": list(ground_head.parameters()), "weight_decay": 0.0, "lr": args.lr})
     for is_vision in (False, True):
         params = [(n, p) for n, p in model.named_parameters() if is_vision_parameter(n) == is_vision]
         lr = args.vision_lr if is_vision else args.lr
@@ -430,9 +486,9 @@ def main():
         vision_warmup(model, arch, aux_head, captured, args, device, log, word_ids)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    running = aux_running = None
+    running = aux_running = ground_running = None
     for step in range(1, args.steps + 1):
-        batch, patch_labels = make_batch(arch, rng, args.batch_size, args.max_qas, args.caption_rate, args.min_qas,
+        batch, patch_labels, ground = make_batch(arch, rng, args.batch_size, args.max_qas, args.caption_rate, args.min_qas,
                                          families)
         batch = {k: v.to(device) for k, v in batch.items()}
         lm_loss = model(**batch).loss
@@ -443,6 +499,9 @@ def main():
         if args.align_weight:
             loss = loss + args.align_weight * alignment_loss(captured["projected"], patch_labels,
                                                              model.get_input_embeddings().weight, word_ids)
+        ground_loss = grounding_loss(ground_head(captured["hidden"]), ground.to(device))
+        if args.ground_weight:
+            loss = loss + args.ground_weight * ground_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -450,12 +509,13 @@ def main():
         sched.step()
         running = lm_loss.item() if running is None else 0.95 * running + 0.05 * lm_loss.item()
         aux_running = aux_loss.item() if step == 1 else 0.95 * aux_running + 0.05 * aux_loss.item()
+        ground_running = ground_loss.item() if step == 1 else 0.95 * ground_running + 0.05 * ground_loss.item()
         if step % 25 == 0:
-            print(f"step {step} loss {running:.4f} aux {aux_running:.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - start:.0f}s",
+            print(f"step {step} loss {running:.4f} aux {aux_running:.3f} ground {ground_running:.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - start:.0f}s",
                   flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             acc = quick_eval(model, arch, val_items, device)
-            log["steps"].append({"step": step, "loss": running, "aux_loss": aux_running,
+            log["steps"].append({"step": step, "loss": running, "aux_loss": aux_running, "ground_loss": ground_running,
                                  "seconds": time.time() - start, "val": acc})
             print(f"  val {json.dumps({k: round(v, 3) for k, v in acc.items()})}", flush=True)
             model.save_pretrained(out, safe_serialization=True)

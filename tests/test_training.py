@@ -30,7 +30,7 @@ def test_packed_turns_equal_single_prompts(train, arch_name):
     arch = train.Arch(arch_name)
     model = arch.model_class(arch.config).eval()
     model.set_attn_implementation("sdpa")
-    batch, patch_labels = train.make_batch(arch, np.random.default_rng(1), 2, 3, caption_rate=1.0)
+    batch, patch_labels, ground = train.make_batch(arch, np.random.default_rng(1), 2, 3, caption_rate=1.0)
     assert patch_labels.shape == (2, 256, 6)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -41,7 +41,7 @@ def test_packed_turns_equal_single_prompts(train, arch_name):
         qas = [(q.question, q.answer) for q in make_questions(scene, rng, int(rng.integers(1, 4)))]
         rng.random()
         qas.insert(int(rng.integers(len(qas) + 1)), ("describe the image", describe(scene)))
-        ids, labels, segment, _ = train.encode_sequence(arch, 256, qas)
+        ids, labels, segment, _, _ = train.encode_sequence(arch, 256, qas)
         assert ids == batch["input_ids"][b, : len(ids)].tolist()
         for k, (question, answer) in enumerate(qas, start=1):
             inputs = arch.processor(images=[scene.image], text=[arch.prompt(question) + " " + answer],
@@ -96,3 +96,33 @@ def test_alignment_loss_prefers_the_patch_words(train):
     good = train.alignment_loss(aligned, labels, embeddings, word_ids)
     bad = train.alignment_loss(torch.randn_like(aligned), labels, embeddings, word_ids)
     assert good < 0.5 * bad
+
+
+def test_grounding_targets_mark_the_named_object(train):
+    rng = np.random.default_rng(4)
+    checked = 0
+    for _ in range(40):
+        scene = make_scene(rng)
+        for q in make_questions(scene, rng, 6):
+            words = q.question.split()
+            marks = train.grounding_targets(scene, q.question)
+            if q.family == "counting":
+                assert marks == []
+                continue
+            for i, t in marks:
+                if q.family == "existence":
+                    assert i == 4 and t[0] == (1 if q.answer == "yes" else 0)
+                    if q.answer == "no":
+                        assert t[1:] == [-100] * 6
+                        continue
+                obj = [o for o in scene.objects if o.shape == train.SHAPES[t[2]]][0]
+                assert t[0] == 1 and list(train.COLORS)[t[1]] == obj.color and words[i] in (obj.shape, obj.color)
+                if q.family == "location":
+                    assert t[4] == train.QUADRANTS.index(q.answer)
+                checked += 1
+    assert checked > 100
+    # make_batch puts them on the right tokens of the packed sequence
+    arch = train.Arch("llava")
+    batch, _, ground = train.make_batch(arch, np.random.default_rng(2), 2, 6, caption_rate=0.0)
+    tokens = arch.processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][ground[..., 0] >= 0].tolist())
+    assert tokens and all(t in train.SHAPES or t in train.COLORS for t in tokens)
