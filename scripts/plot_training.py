@@ -27,8 +27,12 @@ def main(log_path: str, out: str) -> None:
     b.set_ylabel("val accuracy (%)")
     b.grid(alpha=0.3)
     b.legend(fontsize=7)
-    minutes = log["steps"][-1]["seconds"] / 60
-    fig.suptitle(f"bundled tiny LLaVA, trained from scratch on the shapes set ({minutes:.0f} min on 2 CPU cores)")
+    warmup = log.get("vision_warmup", [])
+    minutes = (log["steps"][-1]["seconds"] + (warmup[-1]["seconds"] if warmup else 0)) / 60
+    arch = {"llava": "tiny LLaVA", "qwen2.5-vl": "tiny Qwen2.5-VL"}.get(log["args"].get("arch", "llava"), "model")
+    extra = f", {warmup[-1]['step']} vision warm-up steps first" if warmup else ""
+    fig.suptitle(f"bundled {arch}, trained from scratch on the shapes set ({minutes:.0f} min on 2 CPU cores{extra})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

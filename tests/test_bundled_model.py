@@ -38,11 +38,12 @@ def test_generate_answers_match_the_harness(bundled):
     assert first == result.answers
 
 
-def test_bundled_model_answers_above_chance():
-    """A guard against a broken checkpoint or processor (the model itself is still below its quality bar)."""
+def test_bundled_model_meets_its_quality_bar():
+    """The quality bar of the bundled model (85% on the test split, every family clearly above chance), on the
+    first 100 test questions; also a guard against a broken checkpoint, processor or harness."""
     model, processor = load_model()
     items = question_set(num_per_family=20)
     result = evaluate(model, processor, None, items, progress=False)
-    chance = sum(CHANCE.values()) / len(CHANCE)
-    assert result.accuracy > chance + 0.1
-    assert result.per_family["counting"] >= 0.8
+    assert result.accuracy >= 0.85
+    for family, accuracy in result.per_family.items():
+        assert accuracy >= CHANCE[family] + 0.3, family
