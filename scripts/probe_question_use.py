@@ -35,7 +35,7 @@ def last_logits(model, processor, texts, images):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="default: the bundled LLaVA model")
+    ap.add_argument("--model", default="models/tiny-llava-shapes", help="a bundled model folder")
     ap.add_argument("--images", type=int, default=400)
     args = ap.parse_args()
     model, processor = load_model(args.model)
