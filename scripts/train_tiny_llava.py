@@ -7,8 +7,11 @@
 --arch qwen2.5-vl: Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL tower with window attention and 2x2 patch
 merging, M-RoPE decoder). Both see 16 x 16 = 256 vision tokens per 64 px image and share the decoder size.
 
-Each training sequence is one image followed by several question/answer turns (half of them also hold a
-dense caption turn, "describe the image"); the loss covers the answer words and the closing </s>. The weights are saved as fp32 safetensors (about 16 MB).
+Each training sequence is one image followed by several isolated question/answer turns (some sequences also
+hold a dense caption turn, "describe the image"); the loss covers the answer words and the closing </s>, plus
+training-only auxiliary losses (per-patch vision targets, word-embedding alignment, the grounding probe). The
+weights are saved as fp32 safetensors (about 18 MB). The defaults are not the bundled recipe: the exact command
+of the bundled model is in its training_log.json ("args") and in docs/results/training-sweep/README.md.
 """
 
 from __future__ import annotations
