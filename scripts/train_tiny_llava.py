@@ -63,24 +63,24 @@ class Arch:
         else:
             raise ValueError(f"unknown --arch {name!r}: llava or qwen2.5-vl")
 
-    def feature_hook(self, model, captured):
-        """Record the per-token image features (B, 256, D) the decoder receives, for the auxiliary loss."""
+    def feature_hooks(self, model, captured):
+        """Record, for the auxiliary losses, the per-token image features (B, 256, D) the vision loss reads
+        ("x") and the same tokens in the decoder's embedding space ("projected", the alignment loss)."""
         if self.name == "llava":
-            # CLIP's vision_feature_layer output, CLS dropped (what the projector reads)
+            # CLIP's vision_feature_layer output, CLS dropped (what the projector reads), and the projector's output
             layer = model.model.vision_tower.encoder.layers[self.config.vision_feature_layer]
-            return layer.register_forward_hook(
+            layer.register_forward_hook(
                 lambda m, a, out: captured.__setitem__("x", (out[0] if isinstance(out, tuple) else out)[:, 1:]))
-        # the merged tokens in raster order (the tower's pooler_output)
-        return model.model.visual.register_forward_hook(
-            lambda m, a, out: captured.__setitem__("x", out.pooler_output.reshape(-1, 256, out.pooler_output.shape[-1])))
-
-    def projector_hook(self, model, captured):
-        """Record the image features in the decoder's embedding space (B, 256, hidden), for the alignment loss."""
-        if self.name == "llava":
-            return model.model.multi_modal_projector.register_forward_hook(
+            model.model.multi_modal_projector.register_forward_hook(
                 lambda m, a, out: captured.__setitem__("projected", out))
-        return model.model.visual.register_forward_hook(
-            lambda m, a, out: captured.__setitem__("projected", out.pooler_output.reshape(-1, 256, out.pooler_output.shape[-1])))
+            return
+
+        # Qwen: the merged tokens in raster order (the tower's pooler_output) are both
+        def record(m, a, out):
+            merged = out.pooler_output.reshape(-1, 256, out.pooler_output.shape[-1])
+            captured["x"] = captured["projected"] = merged
+
+        model.model.visual.register_forward_hook(record)
 
     def attribute_word_ids(self) -> list[torch.Tensor]:
         """Token ids of the color, shape, size and quadrant words, in the auxiliary targets' class order."""
@@ -452,8 +452,7 @@ def main():
     # the object under it and the token's quadrant. It teaches the tower what is where long before the
     # language loss alone would; the head is not part of the saved model.
     captured = {}
-    arch.feature_hook(model, captured)
-    arch.projector_hook(model, captured)
+    arch.feature_hooks(model, captured)
     word_ids = arch.attribute_word_ids()
     aux_head = torch.nn.Linear(arch.feature_dim(), sum(AUX_CLASSES)).to(device)
     # Grounding probe (dropped after training like aux_head): the question words that name an object learn to
