@@ -5,8 +5,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[test,bench]"
+	$(VENV)/bin/pip install -q --no-cache-dir torch==2.13.0
+	$(VENV)/bin/pip install -q --no-cache-dir -e ".[test,bench]"
 	touch $(STAMP)
 
 # lmms-eval (the eval extra) needs torchvision, and torchvision needs its own torch: a second venv, so that the
@@ -22,8 +22,8 @@ endif
 
 $(EVAL_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(EVAL_VENV)
-	$(EVAL_VENV)/bin/pip install -q $(EVAL_TORCH)
-	$(EVAL_VENV)/bin/pip install -q -e ".[eval,test]"
+	$(EVAL_VENV)/bin/pip install -q --no-cache-dir $(EVAL_TORCH)
+	$(EVAL_VENV)/bin/pip install -q --no-cache-dir -e ".[eval,test]"
 	touch $(EVAL_STAMP)
 
 .PHONY: demo test eval-venv test-eval
