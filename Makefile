@@ -29,6 +29,7 @@ $(EVAL_STAMP): pyproject.toml
 .PHONY: demo test eval-venv test-eval
 demo: $(STAMP)
 	$(VENV)/bin/lightkv demo --out out/demo
+	$(VENV)/bin/lightkv demo --model qwen --out out/demo-qwen
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

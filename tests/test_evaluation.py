@@ -222,3 +222,36 @@ def test_harness_and_demo_on_a_qwen_checkpoint(tiny_qwen_checkpoint, tmp_path):
     assert [row["method"] for row in rows] == ["none", "lightkv@0.55", "lightkv@0.30"]
     assert 0 < rows[1]["flops_ratio"] < 1
     assert (tmp_path / "merge_maps.png").stat().st_size > 0
+
+
+def test_demo_and_compare_take_a_bundled_name_or_a_folder(tmp_path):
+    from lightkv.cli import _bundled, main
+    from lightkv.evaluation.tiny_model import BUNDLED_MODEL, BUNDLED_QWEN_MODEL
+
+    assert _bundled(None) == BUNDLED_MODEL and _bundled("llava") == BUNDLED_MODEL
+    assert _bundled("qwen") == BUNDLED_QWEN_MODEL and _bundled(str(tmp_path)) == str(tmp_path)
+    for command in ("demo", "compare"):
+        with pytest.raises(SystemExit, match="not a folder"):
+            main([command, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_store_bf16_halves_the_file_and_loads_as_float32(tiny_qwen_checkpoint, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_qwen_checkpoint, folder)
+    size = (folder / "model.safetensors").stat().st_size
+    script = Path(__file__).resolve().parents[1] / "scripts" / "store_bf16.py"
+    subprocess.run([sys.executable, str(script), str(folder)], check=True, capture_output=True)
+    assert (folder / "model.safetensors").stat().st_size < 0.55 * size
+    original, _ = load_model(tiny_qwen_checkpoint)
+    model, _ = load_model(folder)
+    assert model.dtype == torch.float32
+    before, after = original.state_dict(), model.state_dict()
+    assert set(before) == set(after)
+    for name, tensor in before.items():  # every weight is loaded as its bf16 rounding
+        assert torch.equal(after[name], tensor.to(torch.bfloat16).float()), name

@@ -55,6 +55,19 @@ def _demo_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundled(value: str | None) -> str | Path:
+    """--model of demo and compare: a folder, or the name of a bundled model (llava, the default, or qwen)."""
+    from lightkv.evaluation.tiny_model import BUNDLED_MODEL, BUNDLED_QWEN_MODEL
+
+    names = {"llava": BUNDLED_MODEL, "qwen": BUNDLED_QWEN_MODEL, "qwen2.5-vl": BUNDLED_QWEN_MODEL}
+    if value is None or value in names:
+        return names[value or "llava"]
+    if not Path(value).is_dir():
+        raise SystemExit(f"--model {value!r}: not a folder; give a model folder or a bundled model name "
+                         f"({', '.join(names)})")
+    return value
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hub id or folder of a supported model (e.g. "
                         "llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct, models/tiny-llava-shapes)")
@@ -107,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the bundled model, uncompressed and with LightKV at ~55%% and ~30%%")
     demo.add_argument("--out", default=None, help="folder for results.json, results.md and the pictures")
-    demo.add_argument("--model", default=None, help="a model folder saved with save_pretrained (default: bundled)")
+    demo.add_argument("--model", default=None, help="llava (the default) or qwen: a bundled model; or a model folder "
+                                                     "saved with save_pretrained")
     demo.add_argument("--per-family", type=int, default=60, help="test questions per question family")
     demo.add_argument("--random", action="store_true",
                       help="instead: cache shapes and timing on a random-weight model (no trained model needed)")
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--methods", default="lightkv,tome,random,fastv,pdrop,sparsevlm,visionzip,dart")
     compare.add_argument("--budgets", default="0.55,0.35,0.20")
     compare.add_argument("--out", default="out/compare")
-    compare.add_argument("--model", default=None)
+    compare.add_argument("--model", default=None, help="llava (the default), qwen or a model folder")
     compare.add_argument("--per-family", type=int, default=100)
     bench = sub.add_parser("bench", help="measure KV bytes, FLOPs, prefill time, decode throughput, peak memory "
                                          "and overhead against the uncompressed model (lightkv.perf)")
@@ -138,15 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.random:
             return _demo_random(args)
         from lightkv.evaluation.demo import run_demo
-        from lightkv.evaluation.tiny_model import BUNDLED_MODEL
 
-        return run_demo(args.out, args.model or BUNDLED_MODEL, per_family=args.per_family)
+        return run_demo(args.out, _bundled(args.model), per_family=args.per_family)
     if args.command == "compare":
         from lightkv.evaluation.compare import run_compare
-        from lightkv.evaluation.tiny_model import BUNDLED_MODEL
 
         run_compare([m.strip() for m in args.methods.split(",") if m.strip()],
-                    [float(b) for b in args.budgets.split(",")], args.out, args.model or BUNDLED_MODEL,
+                    [float(b) for b in args.budgets.split(",")], args.out, _bundled(args.model),
                     per_family=args.per_family)
         return 0
     if args.command == "bench":
