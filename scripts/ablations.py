@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from lightkv.evaluation.demo import lightkv_schedule
-from lightkv.evaluation.harness import evaluate, load_model, markdown_table, question_set, vision_grid_side
+from lightkv.evaluation.harness import (evaluate, load_model, markdown_table, model_label, question_set,
+                                       vision_grid_side)
 from lightkv.evaluation.tiny_model import BUNDLED_MODEL
 
 
@@ -56,8 +57,9 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([r.row() for r in results], indent=1))
-    lines = ["# LightKV ablations on the bundled model", "",
-             f"Command: `python scripts/ablations.py --out {args.out} --per-family {args.per_family}`  ",
+    model_arg = "" if args.model == str(BUNDLED_MODEL) else f" --model {args.model}"
+    lines = [f"# LightKV ablations on the bundled {model_label(model)} model", "",
+             f"Command: `python scripts/ablations.py{model_arg} --out {args.out} --per-family {args.per_family}`  ",
              f"Date: {time.strftime('%Y-%m-%d', time.gmtime())}; machine: {platform.machine()}, CPU only; "
              f"python {platform.python_version()}, torch {torch.__version__}, "
              f"transformers {__import__('transformers').__version__}  ",

@@ -14,8 +14,8 @@ if [ "$WHICH" = all ] || [ "$WHICH" = llava ]; then
 fi
 Q=models/tiny-qwen2.5-vl-shapes
 if { [ "$WHICH" = all ] && [ -f $Q/config.json ]; } || [ "$WHICH" = qwen ]; then
-  $LIGHTKV demo --model $Q --out docs/results/qwen/demo --per-family 100
-  $LIGHTKV compare --model $Q --out docs/results/qwen/compare --per-family 100 --budgets 0.55,0.35,0.20 \
+  $LIGHTKV demo --model qwen --out docs/results/qwen/demo --per-family 100
+  $LIGHTKV compare --model qwen --out docs/results/qwen/compare --per-family 100 --budgets 0.55,0.35,0.20 \
     --methods lightkv,tome,random,fastv,pdrop,sparsevlm,dart
   $PY scripts/ablations.py --model $Q --out docs/results/qwen/ablations --per-family 100
   $PY scripts/plot_training.py $Q/training_log.json docs/results/qwen/training.png

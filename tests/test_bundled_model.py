@@ -1,36 +1,47 @@
-"""The bundled model loads offline like a hub checkpoint and answers through generate as through the harness."""
+"""The bundled models (LLaVA and Qwen2.5-VL architectures) load offline like hub checkpoints, answer through
+generate as through the harness, and meet their quality bar."""
 
 import pytest
 import torch
 
-from lightkv.evaluation.harness import evaluate, load_model, question_set
+from lightkv.evaluation.harness import evaluate, load_model, prompt_for, question_set
 from lightkv.evaluation.shapes import CHANCE
-from lightkv.evaluation.tiny_model import BUNDLED_MODEL, format_prompt
+from lightkv.evaluation.tiny_model import BUNDLED_MODEL, BUNDLED_QWEN_MODEL
+
+BUNDLED = {"llava": (BUNDLED_MODEL, "LlavaForConditionalGeneration"),
+           "qwen2.5-vl": (BUNDLED_QWEN_MODEL, "Qwen2_5_VLForConditionalGeneration")}
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+@pytest.fixture(scope="module", params=list(BUNDLED))
+def bundled(request):
+    path, class_name = BUNDLED[request.param]
+    if request.param == "llava":
+        # the LLaVA model and its processor load through the Auto classes, as a hub checkpoint does
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(BUNDLED_MODEL)
-    model = LlavaForConditionalGeneration.from_pretrained(BUNDLED_MODEL).eval()
-    return model, processor
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    else:
+        model, processor = load_model(path)  # Qwen2_5_VLForConditionalGeneration.from_pretrained + its processor
+    return path, class_name, model, processor
 
 
-def test_bundled_model_is_a_plain_llava_checkpoint(bundled):
-    model, processor = bundled
-    assert type(model).__name__ == "LlavaForConditionalGeneration"
-    assert model.config.text_config.num_hidden_layers >= 8
-    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads  # GQA
-    assert (BUNDLED_MODEL / "model.safetensors").exists()
-    assert not list(BUNDLED_MODEL.glob("*.bin")) and not list(BUNDLED_MODEL.glob("*.pt"))
+def test_bundled_model_is_a_plain_checkpoint(bundled):
+    path, class_name, model, _ = bundled
+    assert type(model).__name__ == class_name
+    text = model.config.get_text_config()
+    assert text.num_hidden_layers >= 8
+    assert text.num_key_value_heads < text.num_attention_heads  # GQA
+    assert (path / "model.safetensors").exists()
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
+    assert sum(f.stat().st_size for f in path.iterdir()) < 25e6
 
 
 def test_generate_answers_match_the_harness(bundled):
-    model, processor = bundled
+    _, _, model, processor = bundled
     items = question_set(num_per_family=4)
     result = evaluate(model, processor, None, items, progress=False)
-    inputs = processor(images=[s.image for s, _ in items], text=[format_prompt(q.question) for _, q in items],
+    inputs = processor(images=[s.image for s, _ in items], text=[prompt_for(processor)(q.question) for _, q in items],
                        return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -38,12 +49,11 @@ def test_generate_answers_match_the_harness(bundled):
     assert first == result.answers
 
 
-def test_bundled_model_meets_its_quality_bar():
-    """The quality bar of the bundled model (85% on the test split, every family clearly above chance), on the
+def test_bundled_model_meets_its_quality_bar(bundled):
+    """The quality bar of the bundled models (85% on the test split, every family clearly above chance), on the
     first 100 test questions; also a guard against a broken checkpoint, processor or harness."""
-    model, processor = load_model()
-    items = question_set(num_per_family=20)
-    result = evaluate(model, processor, None, items, progress=False)
+    _, _, model, processor = bundled
+    result = evaluate(model, processor, None, question_set(num_per_family=20), progress=False)
     assert result.accuracy >= 0.85
     for family, accuracy in result.per_family.items():
         assert accuracy >= CHANCE[family] + 0.3, family
