@@ -49,9 +49,10 @@ def test_generate_answers_match_the_harness(bundled):
     assert first == result.answers
 
 
-def test_bundled_model_meets_its_quality_bar(bundled):
-    """The quality bar of the bundled models (85% on the test split, every family clearly above chance), on the
-    first 100 test questions; also a guard against a broken checkpoint, processor or harness."""
+def test_bundled_model_keeps_its_accuracy(bundled):
+    """A guard against a broken checkpoint, processor or harness: on the first 100 test questions each bundled
+    model reaches the benchmark's 85% bar and every family is clearly above chance. (Whether a model meets the
+    bar is judged on 500 and 1,000 test questions: README and docs/results.)"""
     _, _, model, processor = bundled
     result = evaluate(model, processor, None, question_set(num_per_family=20), progress=False)
     assert result.accuracy >= 0.85
