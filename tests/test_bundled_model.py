@@ -1,5 +1,5 @@
 """The bundled models (LLaVA and Qwen2.5-VL architectures) load offline like hub checkpoints, answer through
-generate as through the harness, and meet their quality bar."""
+generate as through the harness, and keep their accuracy."""
 
 import pytest
 import torch
