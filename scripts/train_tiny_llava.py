@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightkv.evaluation.shapes import (COLORS, FAMILIES, IMAGE_SIZE, QUADRANTS, SHAPES, SIZES, SPLIT_SEEDS, describe,
-                                      make_questions, make_scene, make_split, object_mask)
+from lightkv.evaluation.shapes import (COLORS, FAMILIES, QUADRANTS, SHAPES, SIZES, SPLIT_SEEDS, describe, make_questions,
+                                      make_scene, make_split, object_mask, quadrant)
 from lightkv.evaluation.tiny_model import (QwenShapesProcessor, build_config, build_processor, build_qwen_config,
                                           format_prompt, format_qwen_prompt)
 
@@ -134,8 +134,8 @@ def grounding_targets(scene, question: str) -> list[tuple[int, list[int]]]:
 
     def targets(o):
         row, col = min(15, int(o.y) // 4), min(15, int(o.x) // 4)
-        quadrant = 2 * (o.y >= IMAGE_SIZE / 2) + (o.x >= IMAGE_SIZE / 2)
-        return [1, list(COLORS).index(o.color), SHAPES.index(o.shape), list(SIZES).index(o.size), int(quadrant), row, col]
+        return [1, list(COLORS).index(o.color), SHAPES.index(o.shape), list(SIZES).index(o.size),
+                QUADRANTS.index(quadrant(o)), row, col]
 
     if words[:3] == ["is", "there", "a"]:
         match = [o for o in scene.objects if o.color == words[3] and o.shape == words[4]]

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["SHAPES", "COLORS", "SIZES", "FAMILIES", "CHANCE", "Scene", "Question", "make_scene", "describe", "object_mask",
-           "make_questions", "make_split", "vocabulary", "IMAGE_SIZE", "SPLIT_SEEDS"]
+           "make_questions", "make_split", "vocabulary", "quadrant", "IMAGE_SIZE", "SPLIT_SEEDS"]
 
 IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -144,7 +144,8 @@ def _existence_text(color: str, shape: str) -> str:
     return f"is there a {color} {shape} ?"
 
 
-def _quadrant(o: Obj) -> str:
+def quadrant(o: Obj) -> str:
+    """The object's quadrant of the image by its centre, one of QUADRANTS (the location answers)."""
     top = o.y < IMAGE_SIZE / 2
     left = o.x < IMAGE_SIZE / 2
     return ("top-" if top else "bottom-") + ("left" if left else "right")
@@ -190,7 +191,7 @@ def _question(family: str, scene: Scene, rng: np.random.Generator, answer: str |
             return None
         return Question(family, f"where is the {objs[i].shape} relative to the {objs[j].shape} ?", rel)
     if family == "location":
-        return Question(family, f"where is the {pick.shape} ?", _quadrant(pick))
+        return Question(family, f"where is the {pick.shape} ?", quadrant(pick))
     raise ValueError(f"unknown family {family!r}; families are {FAMILIES}")
 
 
@@ -198,7 +199,7 @@ def describe(scene: Scene) -> str:
     """A dense caption used as an extra training turn: every object's size, color, shape and quadrant,
     in reading order (top to bottom, then left to right by quadrant)."""
     order = sorted(scene.objects, key=lambda o: (o.y >= IMAGE_SIZE / 2, o.x >= IMAGE_SIZE / 2, o.y, o.x))
-    return " ; ".join(f"{o.size} {o.color} {o.shape} {_quadrant(o)}" for o in order)
+    return " ; ".join(f"{o.size} {o.color} {o.shape} {quadrant(o)}" for o in order)
 
 
 def make_questions(scene: Scene, rng: np.random.Generator, count: int,
