@@ -28,17 +28,20 @@ import torch
 from lightkv.evaluation.shapes import (COLORS, FAMILIES, QUADRANTS, SHAPES, SIZES, SPLIT_SEEDS, describe, make_questions,
                                       make_scene, make_split, object_mask, quadrant)
 from lightkv.evaluation.tiny_model import (QwenShapesProcessor, build_config, build_processor, build_qwen_config,
-                                          format_prompt, format_qwen_prompt)
+                                          build_qwen_image_processor, format_prompt, format_qwen_prompt,
+                                          QWEN_MERGE_SIZE, QWEN_PATCH_SIZE)
 
 
 class Arch:
     """What differs between the two bundled architectures: model class, processor, chat layout, features."""
 
-    def __init__(self, name: str, **shape):
+    def __init__(self, name: str, patch_size: int | None = None, merge_size: int | None = None, **shape):
         self.name = name
         if name == "llava":
             from transformers import LlavaForConditionalGeneration
 
+            if patch_size is not None or merge_size is not None:
+                raise ValueError("--qwen-patch-size / --qwen-merge-size apply to --arch qwen2.5-vl only")
             self.processor = build_processor()
             self.config = build_config(self.processor.tokenizer, **shape)
             self.model_class = LlavaForConditionalGeneration
@@ -50,8 +53,12 @@ class Arch:
         elif name == "qwen2.5-vl":
             from transformers import Qwen2_5_VLForConditionalGeneration
 
-            self.processor = QwenShapesProcessor()
-            self.config = build_qwen_config(self.processor.tokenizer, **shape)
+            # patch and merge sizes with patch * merge = 4 px keep the 16 x 16 grid of 256 tokens an image
+            sizes = {k: v for k, v in (("patch_size", patch_size), ("merge_size", merge_size)) if v is not None}
+            if sizes.get("patch_size", QWEN_PATCH_SIZE) * sizes.get("merge_size", QWEN_MERGE_SIZE) != 4:
+                raise ValueError("--qwen-patch-size x --qwen-merge-size must be 4 px (a 16 x 16 token grid)")
+            self.processor = QwenShapesProcessor(image_processor=build_qwen_image_processor(**sizes))
+            self.config = build_qwen_config(self.processor.tokenizer, **sizes, **shape)
             self.model_class = Qwen2_5_VLForConditionalGeneration
             self.prompt = format_qwen_prompt
             # '<|im_start|> user <|vision_start|><|image_pad|>...<|vision_end|> q1 <|im_end|> <|im_start|> assistant
@@ -421,6 +428,10 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--rope-theta", type=float, default=10000.0)
     ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--qwen-patch-size", type=int, default=None,
+                    help="Qwen2.5-VL tower patch size in px (default 2; patch x merge must be 4)")
+    ap.add_argument("--qwen-merge-size", type=int, default=None,
+                    help="Qwen2.5-VL spatial merge size (default 2: 2 x 2 patches a token; 1: a patch a token)")
     ap.add_argument("--vision-warmup-steps", type=int, default=0,
                     help="steps of vision-only training (auxiliary per-patch loss) before the full model's")
     ap.add_argument("--warmup-batch", type=int, default=32)
@@ -441,7 +452,7 @@ def main():
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(SPLIT_SEEDS["train"] + args.seed)
     arch = Arch(args.arch, heads=args.heads, kv_heads=args.kv_heads, rope_theta=args.rope_theta,
-                vision_layers=args.vision_layers)
+                vision_layers=args.vision_layers, patch_size=args.qwen_patch_size, merge_size=args.qwen_merge_size)
     model = arch.model_class(arch.config) if args.init_from is None else arch.model_class.from_pretrained(args.init_from)
     if args.init_vision_from:
         donor = arch.model_class.from_pretrained(args.init_vision_from).state_dict()

@@ -115,11 +115,12 @@ def tiny_qwen2_vl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: 
 
 
 def tiny_qwen2_5_vl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
-                    vocab_size: int = 128):
-    """A random ``Qwen2_5_VLForConditionalGeneration`` (window attention in the vision tower)."""
+                    vocab_size: int = 128, merge_size: int = 2):
+    """A random ``Qwen2_5_VLForConditionalGeneration`` (window attention in the vision tower); ``merge_size`` 1
+    makes every patch a token (as in the bundled Qwen2.5-VL-architecture model)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=merge_size,
                   temporal_patch_size=2, window_size=8, out_hidden_size=hidden_size, fullatt_block_indexes=[1],
                   tokens_per_second=2)
     text = _qwen_text_kwargs(num_layers, hidden_size, vocab_size, [2, 3, 3])

@@ -80,8 +80,10 @@ def build_config(tokenizer, text_layers: int = 8, heads: int = 6, kv_heads: int 
 
 
 # -- the Qwen2.5-VL-architecture bundled model ----------------------------------------------------------------
-# Qwen2.5-VL's vision tower cuts 2x2x2 (time x height x width) patches and merges 2x2 of them into one token:
-# a 64 px image with 2 px patches is a 32 x 32 patch grid, i.e. 16 x 16 = 256 vision tokens, as for LLaVA.
+# Qwen2.5-VL's vision tower cuts 2 x P x P (time x height x width) patches and merges M x M of them into one
+# token. The builders' default is the real models' layout, M = 2: a 64 px image with 2 px patches is a 32 x 32
+# patch grid, i.e. 16 x 16 = 256 vision tokens, as for LLaVA. Any P x M = 4 px keeps that token grid; the bundled
+# model uses P = 4, M = 1 (its tower then sees 256 patches like LLaVA's CLIP; see its training notes).
 QWEN_PATCH_SIZE = 2
 QWEN_MERGE_SIZE = 2
 QWEN_SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|image_pad|>",
@@ -116,11 +118,11 @@ def build_qwen_tokenizer():
     return fast
 
 
-def build_qwen_image_processor():
+def build_qwen_image_processor(patch_size: int = QWEN_PATCH_SIZE, merge_size: int = QWEN_MERGE_SIZE):
     from transformers import Qwen2VLImageProcessorPil
 
     pixels = IMAGE_SIZE * IMAGE_SIZE
-    return Qwen2VLImageProcessorPil(patch_size=QWEN_PATCH_SIZE, merge_size=QWEN_MERGE_SIZE, temporal_patch_size=2,
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
                                     size={"shortest_edge": pixels, "longest_edge": pixels},
                                     image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25], do_convert_rgb=True)
 
@@ -160,7 +162,7 @@ class QwenShapesProcessor:
         if images is not None:
             vision = self.image_processor(images, return_tensors="pt")
             out.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
-            counts = (vision["image_grid_thw"].prod(-1) // QWEN_MERGE_SIZE**2).tolist()
+            counts = (vision["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
             expanded, k = [], 0
             for t in texts:
                 parts = t.split(self.image_token)
@@ -181,14 +183,15 @@ class QwenShapesProcessor:
 
 
 def build_qwen_config(tokenizer, text_layers: int = 8, heads: int = 6, kv_heads: int = 2,
-                      rope_theta: float = 10000.0, vision_layers: int = 4):
+                      rope_theta: float = 10000.0, vision_layers: int = 4, patch_size: int = QWEN_PATCH_SIZE,
+                      merge_size: int = QWEN_MERGE_SIZE):
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    # window_size is in pixels: 32 px = 16 x 16 patches = 8 x 8 merged tokens, four windows per 64 px image;
+    # window_size is in pixels: 32 px = 8 x 8 tokens (16 x 16 patches at P = 2), four windows per 64 px image;
     # blocks 1 and 3 attend over the whole image, as Qwen2.5-VL alternates windowed and full blocks
-    vision = dict(depth=vision_layers, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=QWEN_PATCH_SIZE,
-                  spatial_merge_size=QWEN_MERGE_SIZE, temporal_patch_size=2, out_hidden_size=192,
+    vision = dict(depth=vision_layers, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=patch_size,
+                  spatial_merge_size=merge_size, temporal_patch_size=2, out_hidden_size=192,
                   window_size=32, fullatt_block_indexes=list(range(1, vision_layers, 2)))
     half = 192 // heads // 2  # M-RoPE sections (temporal, rows, columns) in Qwen2.5-VL's 2:3:3 proportion
     section = [half // 4, half - half // 4 - (half - half // 4) // 2, (half - half // 4) // 2]
