@@ -22,12 +22,14 @@ def train():
     return module
 
 
-@pytest.mark.parametrize("arch_name", ["llava", "qwen2.5-vl"])
-def test_packed_turns_equal_single_prompts(train, arch_name):
+@pytest.mark.parametrize("arch_name,sizes", [("llava", {}), ("qwen2.5-vl", {}),
+                                             ("qwen2.5-vl", {"patch_size": 4, "merge_size": 1})],
+                         ids=["llava", "qwen2.5-vl", "qwen2.5-vl-patch4-merge1"])
+def test_packed_turns_equal_single_prompts(train, arch_name, sizes):
     """Each turn of a packed training sequence (block mask, restarted positions; M-RoPE for Qwen) gives the
     logits the same question gets as a lone evaluation prompt, so no turn sees another turn's answer."""
     torch.manual_seed(0)
-    arch = train.Arch(arch_name)
+    arch = train.Arch(arch_name, **sizes)
     model = arch.model_class(arch.config).eval()
     model.set_attn_implementation("sdpa")
     batch, patch_labels, ground = train.make_batch(arch, np.random.default_rng(1), 2, 3, caption_rate=1.0)
@@ -126,3 +128,33 @@ def test_grounding_targets_mark_the_named_object(train):
     batch, _, ground = train.make_batch(arch, np.random.default_rng(2), 2, 6, caption_rate=0.0)
     tokens = arch.processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][ground[..., 0] >= 0].tolist())
     assert tokens and all(t in train.SHAPES or t in train.COLORS for t in tokens)
+
+
+def test_qwen_patch_and_merge_sizes(train):
+    """--qwen-patch-size / --qwen-merge-size: the processor and the config agree, the grid stays 16 x 16 tokens,
+    and sizes that would change it (or that LLaVA does not have) are refused."""
+    arch = train.Arch("qwen2.5-vl", patch_size=4, merge_size=1)
+    vision = arch.config.vision_config
+    assert (vision.patch_size, vision.spatial_merge_size) == (4, 1)
+    inputs, labels = train.image_batch(arch, np.random.default_rng(0), 2)
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]] * 2 and labels.shape == (2, 256, 6)
+    text = arch.prompt("how many objects are there ?")
+    out = arch.processor(images=[make_scene(np.random.default_rng(0)).image], text=[text])
+    assert int(out["mm_token_type_ids"].sum()) == 256
+    with pytest.raises(ValueError, match="must be 4 px"):
+        train.Arch("qwen2.5-vl", patch_size=4)
+    with pytest.raises(ValueError, match="qwen2.5-vl only"):
+        train.Arch("llava", merge_size=1)
+
+
+def test_tower_probe_reads_only_what_the_features_hold(train):
+    """scripts/probe_tower_shapes.py's linear probe: labels a linear map of the features carries are read
+    back; labels independent of the features score at chance."""
+    path = SCRIPT.parent / "probe_tower_shapes.py"
+    spec = importlib.util.spec_from_file_location("probe_tower_shapes", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=gen)
+    assert probe.fit_probe(x, (x[:, :3] @ torch.tensor([1.0, -2.0, 0.5]) > 0).long()) > 0.95
+    assert abs(probe.fit_probe(x, torch.randint(0, 4, (2000,), generator=gen)) - 0.25) < 0.06
