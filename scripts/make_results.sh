@@ -9,6 +9,7 @@ WHICH=${1:-all}
 if [ "$WHICH" = all ] || [ "$WHICH" = llava ]; then
   $LIGHTKV demo --out docs/results/demo --per-family 100
   $LIGHTKV demo --out docs/results/demo-1000 --per-family 200
+  rm -f docs/results/demo-1000/*.png  # the tables only: the pictures are those of docs/results/demo
   $LIGHTKV compare --out docs/results/compare --per-family 100 --budgets 0.55,0.35,0.20
   $PY scripts/ablations.py --out docs/results/ablations --per-family 100
   $PY scripts/plot_training.py models/tiny-llava-shapes/training_log.json docs/results/training.png
@@ -17,6 +18,7 @@ Q=models/tiny-qwen2.5-vl-shapes
 if { [ "$WHICH" = all ] && [ -f $Q/config.json ]; } || [ "$WHICH" = qwen ]; then
   $LIGHTKV demo --model qwen --out docs/results/qwen/demo --per-family 100
   $LIGHTKV demo --model qwen --out docs/results/qwen/demo-1000 --per-family 200
+  rm -f docs/results/qwen/demo-1000/*.png
   $LIGHTKV compare --model qwen --out docs/results/qwen/compare --per-family 100 --budgets 0.55,0.35,0.20 \
     --methods lightkv,tome,random,fastv,pdrop,sparsevlm,dart
   $PY scripts/ablations.py --model $Q --out docs/results/qwen/ablations --per-family 100
