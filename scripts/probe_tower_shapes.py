@@ -1,6 +1,6 @@
 """How well a bundled model's image features tell shapes apart: linear probes on frozen vision features.
 
-For each model, 640 val-split-style images (a fixed seed, not the test split) go through the vision tower; two
+For each model, 640 freshly drawn scenes (seed 123: neither the val nor the test split) go through the vision tower; two
 linear probes are fitted on 3/4 of them and scored on the rest:
 
 - per token: the attribute of the object under each object token (what the training's auxiliary loss asks);
@@ -78,7 +78,8 @@ def main():
         flat, flat_labels = tokens.reshape(-1, tokens.shape[-1]), labels.reshape(-1, labels.shape[-1])
         on_object = flat_labels[:, 0] > 0
         per_token = {t: round(fit_probe(flat[on_object], flat_labels[on_object, k]), 3) for k, t in enumerate(TARGETS)}
-        # objects: the tokens of one image with the same (color, shape, size) labels (unique within a scene)
+        # objects: the tokens of one image with the same (color, shape, size) labels (two objects alike in all
+        # three count as one, with the same shape label either way)
         means, shapes = [], []
         for img in range(len(labels)):
             key = labels[img, :, 0] * 100 + labels[img, :, 1] * 10 + labels[img, :, 2]

@@ -438,7 +438,7 @@ def main():
     ap.add_argument("--warmup-lr", type=float, default=1e-3)
     ap.add_argument("--freeze-vision-after", type=int, default=0,
                     help="stop training the vision tower and projector after this many steps (0: never); the "
-                         "Qwen2.5-VL tower's backward (1,024 patches an image) is a third of a step on the CPU")
+                         "Qwen2.5-VL tower's backward (1,024 patches an image at 2 px) is a third of a step on the CPU")
     ap.add_argument("--aux-balance", action="store_true",
                     help="auxiliary loss: object and background patches weigh half each (objects cover ~10%%)")
     args = ap.parse_args()

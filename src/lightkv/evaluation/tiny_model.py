@@ -189,7 +189,7 @@ def build_qwen_config(tokenizer, text_layers: int = 8, heads: int = 6, kv_heads:
 
     ids = tokenizer.convert_tokens_to_ids
     # window_size is in pixels: 32 px = 8 x 8 tokens (16 x 16 patches at P = 2), four windows per 64 px image;
-    # blocks 1 and 3 attend over the whole image, as Qwen2.5-VL alternates windowed and full blocks
+    # odd blocks attend over the whole image, as Qwen2.5-VL alternates windowed and full blocks
     vision = dict(depth=vision_layers, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=patch_size,
                   spatial_merge_size=merge_size, temporal_patch_size=2, out_hidden_size=192,
                   window_size=32, fullatt_block_indexes=list(range(1, vision_layers, 2)))
