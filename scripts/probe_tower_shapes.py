@@ -1,7 +1,7 @@
 """How well a bundled model's image features tell shapes apart: linear probes on frozen vision features.
 
-For each model, 640 freshly drawn scenes (seed 123: neither the val nor the test split) go through the vision tower; two
-linear probes are fitted on 3/4 of them and scored on the rest:
+For each model, 640 freshly drawn scenes (seed 123: neither the val nor the test split) go through the vision
+tower; two linear probes are fitted on 3/4 of them and scored on the rest:
 
 - per token: the attribute of the object under each object token (what the training's auxiliary loss asks);
 - per object: the shape from the mean of the object's tokens as the decoder reads them (the projector's /
