@@ -54,11 +54,12 @@ class Arch:
             from transformers import Qwen2_5_VLForConditionalGeneration
 
             # patch and merge sizes with patch * merge = 4 px keep the 16 x 16 grid of 256 tokens an image
-            sizes = {k: v for k, v in (("patch_size", patch_size), ("merge_size", merge_size)) if v is not None}
-            if sizes.get("patch_size", QWEN_PATCH_SIZE) * sizes.get("merge_size", QWEN_MERGE_SIZE) != 4:
+            patch = QWEN_PATCH_SIZE if patch_size is None else patch_size
+            merge = QWEN_MERGE_SIZE if merge_size is None else merge_size
+            if patch * merge != 4:
                 raise ValueError("--qwen-patch-size x --qwen-merge-size must be 4 px (a 16 x 16 token grid)")
-            self.processor = QwenShapesProcessor(image_processor=build_qwen_image_processor(**sizes))
-            self.config = build_qwen_config(self.processor.tokenizer, **sizes, **shape)
+            self.processor = QwenShapesProcessor(image_processor=build_qwen_image_processor(patch, merge))
+            self.config = build_qwen_config(self.processor.tokenizer, patch_size=patch, merge_size=merge, **shape)
             self.model_class = Qwen2_5_VLForConditionalGeneration
             self.prompt = format_qwen_prompt
             # '<|im_start|> user <|vision_start|><|image_pad|>...<|vision_end|> q1 <|im_end|> <|im_start|> assistant

@@ -198,7 +198,7 @@ def _question(family: str, scene: Scene, rng: np.random.Generator, answer: str |
 def describe(scene: Scene) -> str:
     """A dense caption used as an extra training turn: every object's size, color, shape and quadrant,
     in reading order (top to bottom, then left to right by quadrant)."""
-    order = sorted(scene.objects, key=lambda o: (o.y >= IMAGE_SIZE / 2, o.x >= IMAGE_SIZE / 2, o.y, o.x))
+    order = sorted(scene.objects, key=lambda o: (QUADRANTS.index(quadrant(o)), o.y, o.x))
     return " ; ".join(f"{o.size} {o.color} {o.shape} {quadrant(o)}" for o in order)
 
 
