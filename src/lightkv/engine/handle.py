@@ -204,6 +204,7 @@ class Handle:
         if record.segments[0][0].shape[0] != B:
             raise ValueError(f"lightkv: the cache was compressed for batch size {record.segments[0][0].shape[0]}, "
                              f"got {B}")
+        _check_lengths(record, cache)
         padding = call.get("attention_mask")
         padding = padding if isinstance(padding, torch.Tensor) and padding.dim() == 2 else None
         set_state(self, DecodeState(record, cache, padding))
@@ -399,14 +400,6 @@ class Handle:
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
         decoded = _decoded_tokens(record, state.cache, index)
-        if 0 not in record.layer_segment:
-            # layer 0 (full length) ran before this layer in this call: it already holds the q new tokens
-            full_decoded = state.cache.layers[0].get_seq_length() - record.prefill_length - q
-            if decoded != full_decoded:
-                raise ValueError(
-                    f"lightkv: the compressed cache is inconsistent (layer {index} holds {decoded} tokens after the "
-                    f"prefill, layer 0 holds {full_decoded}); was it cropped into the prompt or edited? Prefill the "
-                    "prompt again")
         mask = kwargs.get("attention_mask")
         if 0 in record.layer_segment:
             # no layer holds the full prefill (a stage -1): the model sized its mask from a short cache, so
@@ -436,6 +429,18 @@ def _decoded_tokens(record: SequenceRecord, cache: Any, layer: int) -> int:
     """Tokens appended to shortened ``layer``'s cache after the compressed prefill (before the current call)."""
     orig_index, _ = record.segments[record.layer_segment[layer]]
     return cache.layers[layer].get_seq_length() - orig_index.shape[1]
+
+
+def _check_lengths(record: SequenceRecord, cache: Any) -> None:
+    """Every layer must hold its prefill slots plus the same number of later tokens (shape reads, no sync)."""
+    lengths = [layer.get_seq_length() for layer in cache.layers[: record.num_layers]]
+    prefill = [record.segments[record.layer_segment[l]][0].shape[1] if l in record.layer_segment
+               else record.prefill_length for l in range(len(lengths))]
+    decoded = {length - slots for length, slots in zip(lengths, prefill)}
+    if len(decoded) != 1 or min(decoded) < 0:
+        raise ValueError(f"lightkv: the compressed cache is inconsistent (tokens after the prefill per layer: "
+                         f"{[length - slots for length, slots in zip(lengths, prefill)]}); was it cropped into the "
+                         "prompt or edited by hand? Prefill the prompt again")
 
 
 def _is_dynamic(cache: Any) -> bool:

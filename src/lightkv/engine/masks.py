@@ -55,7 +55,8 @@ def prefill_mask(orig_index: torch.Tensor, valid: torch.Tensor, full_mask: torch
     full_mask: the 4-D mask the model built for the full sequence (None: sdpa without padding, i.e. causal).
     unpadded: no slot of ``valid`` is padding (the caller knows it without reading the device).
     Slots attend to slots whose original position is allowed by ``full_mask`` (causal in original positions
-    when it is None); padding queries attend to themselves only, so no row is empty (an empty row is NaN in sdpa).
+    when it is None); nothing attends to padding, and padding queries also attend to themselves, so no row is
+    empty (an empty row is NaN in sdpa).
     """
     B, M = orig_index.shape
     if full_mask is None:
