@@ -14,10 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lightkv
 from lightkv.perf import Workload, get_spec, predict_profile, profile_from_stats, scale_layers
-from lightkv.perf.bench import (REQUIRED_KEYS, BenchConfig, _cache_of, cache_bytes, make_inputs, run_bench,
-                                tile_cache, write_outputs)
+from lightkv.perf.bench import REQUIRED_KEYS, BenchConfig, run_bench, write_outputs
 from lightkv.perf.memory import max_batch, parameter_count
-from lightkv.perf.methods import make_method, split_methods
+from lightkv.methods.spec import split_method_list
+from lightkv.perf.methods import make_method
+from lightkv.perf.runs import cache_bytes, cache_of, cache_kwarg, make_inputs, next_token, tile_cache
 from lightkv.perf.timer import OverheadTimer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,9 +158,9 @@ def test_kv_bytes_formula_matches_the_real_cache(dtype):
             else:
                 with lightkv.apply(model, m) as handle:
                     out = model(**inputs, use_cache=True)
-                assert handle.stats.kv_bytes == cache_bytes(_cache_of(out))
+                assert handle.stats.kv_bytes == cache_bytes(cache_of(out))
         predicted = predict_profile(TINY, m, workload, dtype_bytes=bytes_per)
-        assert predicted.kv_bytes == cache_bytes(_cache_of(out))
+        assert predicted.kv_bytes == cache_bytes(cache_of(out))
         if m is not None:
             assert predicted.vision_kv_bytes == handle.stats.vision_kv_bytes
 
@@ -214,9 +215,9 @@ def test_make_method():
     assert (method.layers, method.windows, method.ratios) == ((2, 4, 5), (4, 2, 1), (0.5, 0.5, 0.5))
     _, method = make_method("lightkv:guidance=uniform:layers=[3,5]:windows=[2,1]:ratios=[0.5,0.5]", spec, 8)
     assert method.guidance == "uniform" and method.layers == (3, 5)
-    assert split_methods("none,lightkv:layers=[3,5],tome") == ["none", "lightkv:layers=[3,5]", "tome"]
+    assert split_method_list("none,lightkv:layers=[3,5],tome") == ["none", "lightkv:layers=[3,5]", "tome"]
     # baselines come at LightKV's budget (its average retained fraction at this depth), or at budget=...
-    for name, target in (("fastv", 0.574), ("pdrop", 0.574), ("visionzip:budget=0.35", 0.35)):
+    for name, target in (("fastv", 0.574), ("pdrop", 0.574), ("visionzip:budget=0.35", 0.35), ("dart@0.35", 0.35)):
         _, method = make_method(name, spec, 32)
         assert predict_profile(spec, method, Workload()).retained_fraction == pytest.approx(target, abs=0.01)
     with pytest.raises(ValueError, match="unknown method"):
@@ -229,28 +230,26 @@ def test_make_method():
 
 
 def test_tiled_cache_decodes_like_a_batched_prefill(sdpa_model):
-    from lightkv.perf.bench import _cache_kwarg, _next_token
-
     single = make_inputs(sdpa_model, Workload(text_before=6, text_after=5), torch.device("cpu"), torch.float32)
     batch = make_inputs(sdpa_model, Workload(text_before=6, text_after=5, batch=3), torch.device("cpu"), torch.float32)
 
     def steps(cache, logits, mask, handle):
         out_logits = []
-        token = _next_token(logits, sdpa_model.config.image_token_id)
+        token = next_token(logits, sdpa_model.config.image_token_id)
         for _ in range(3):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = sdpa_model(input_ids=token, attention_mask=mask, use_cache=True, **{_cache_kwarg(sdpa_model): cache})
+            out = sdpa_model(input_ids=token, attention_mask=mask, use_cache=True, **{cache_kwarg(sdpa_model): cache})
             out_logits.append(out.logits[:, -1])
-            token = _next_token(out.logits, sdpa_model.config.image_token_id)
+            token = next_token(out.logits, sdpa_model.config.image_token_id)
         return torch.stack(out_logits, 1)
 
     with lightkv.apply(sdpa_model, lightkv.LightKV(**SCHEDULE)) as handle, torch.no_grad():
         out = sdpa_model(**single, use_cache=True)
-        tiled = tile_cache(handle, _cache_of(out), 3)
+        tiled = tile_cache(cache_of(out), 3)
         assert [layer.keys.shape[0] for layer in tiled.layers] == [3] * 4
         got = steps(tiled, out.logits.repeat(3, 1, 1), single["attention_mask"].repeat(3, 1), handle)
         out_b = sdpa_model(**batch, use_cache=True)
-        expected = steps(_cache_of(out_b), out_b.logits, batch["attention_mask"], handle)
+        expected = steps(cache_of(out_b), out_b.logits, batch["attention_mask"], handle)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

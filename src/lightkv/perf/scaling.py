@@ -21,20 +21,14 @@ from ..engine import apply
 from ..methods import Method
 from .analytic import Workload, kv_bytes_per_token, predict_profile, profile_from_stats
 from .memory import PeakMemory, max_batch, parameter_count
+from .methods import make_method
+from .runs import cache_bytes, cache_of, decode, fmt, log, make_inputs, median, prefill, ratio, tile_cache
 from .specs import ModelSpec
 
 __all__ = ["run_scaling", "scaling_markdown"]
 
 
-def _log(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
-
-
 def _vision_sweep(model, spec, methods, config, depth, device, dtype) -> list[dict]:
-    from .bench import _prefill, _median, _ratio, cache_bytes, _cache_of, make_inputs
-
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     per_token = kv_bytes_per_token(spec.dims(depth)[0], dtype_bytes)
     rows = []
@@ -50,10 +44,10 @@ def _vision_sweep(model, spec, methods, config, depth, device, dtype) -> list[di
                 handle = apply(model, method) if method is not None else None
                 try:
                     with torch.no_grad():
-                        out, seconds, cpu_seconds = _prefill(model, inputs, device)
+                        out, seconds, cpu_seconds = prefill(model, inputs, device)
                     times[label].append(seconds)
                     cpu_times[label].append(cpu_seconds)
-                    last[label] = (cache_bytes(_cache_of(out)), handle.stats if handle else None)
+                    last[label] = (cache_bytes(cache_of(out)), handle.stats if handle else None)
                     del out
                 finally:
                     if handle is not None:
@@ -69,23 +63,21 @@ def _vision_sweep(model, spec, methods, config, depth, device, dtype) -> list[di
                 profile = predict_profile(spec, None, workload, depth, dtype_bytes)
                 vision_kv = per_token * vision * len(kv)
             group.append({"images": images, "vision_tokens": vision, "method": label,
-                          "prefill_ms": 1000 * _median(times[label]),
+                          "prefill_ms": 1000 * median(times[label]),
                           "prefill_ms_runs": [1000 * t for t in times[label]],
-                          "prefill_cpu_ms": 1000 * _median(cpu_times[label]),
+                          "prefill_cpu_ms": 1000 * median(cpu_times[label]),
                           "total_kv_bytes": sum(kv), "vision_kv_bytes": vision_kv, "flops": profile.flops.total})
         base = next(r for r in group if r["method"] == "none")
         for r in group:
             for key in ("prefill_ms", "prefill_cpu_ms", "total_kv_bytes", "vision_kv_bytes", "flops"):
-                r[key.replace("_bytes", "").replace("_ms", "") + "_ratio"] = _ratio(r[key], base[key])
+                r[key.replace("_bytes", "").replace("_ms", "") + "_ratio"] = ratio(r[key], base[key])
         rows += group
-        _log(f"  scaling: {images} image(s), {vision} vision tokens: "
+        log(f"  scaling: {images} image(s), {vision} vision tokens: "
              + ", ".join(f"{r['method']} {r['prefill_ms']:.0f} ms" for r in group))
     return rows
 
 
 def _batch_sweep(model, spec, methods, config, depth, device, dtype) -> list[dict]:
-    from .bench import _cache_of, _median, _prefill, _ratio, decode, make_inputs, sequence_record, tile_cache
-
     tile = config.tile_decode == "yes" or (config.tile_decode == "auto" and device.type != "cuda")
     steps = config.scaling_decode_tokens
     workload = Workload(images=config.images, text_before=config.text_before, text_after=config.text_after)
@@ -96,10 +88,8 @@ def _batch_sweep(model, spec, methods, config, depth, device, dtype) -> list[dic
             handle = apply(model, method) if method is not None else None
             try:
                 with torch.no_grad():
-                    out, _, _ = _prefill(model, single, device)
-                cache = _cache_of(out)
-                record = sequence_record(handle, cache)
-                prefilled[label] = (cache, record, out.logits)
+                    out, _, _ = prefill(model, single, device)
+                prefilled[label] = (cache_of(out), out.logits)  # a compressed cache carries its record
             finally:
                 if handle is not None:
                     handle.remove()
@@ -118,13 +108,13 @@ def _batch_sweep(model, spec, methods, config, depth, device, dtype) -> list[dic
                     with torch.no_grad():
                         peak.reset()
                         if tile:
-                            cache1, record, logits1 = prefilled[label]
-                            cache = tile_cache(handle, cache1, batch, record)
+                            cache1, logits1 = prefilled[label]
+                            cache = tile_cache(cache1, batch)
                             logits = logits1.repeat(batch, 1, 1)
                             mask = single["attention_mask"].repeat(batch, 1)
                         else:
-                            out, _, _ = _prefill(model, inputs, device)
-                            cache, logits, mask = _cache_of(out), out.logits, inputs["attention_mask"]
+                            out, _, _ = prefill(model, inputs, device)
+                            cache, logits, mask = cache_of(out), out.logits, inputs["attention_mask"]
                         seconds, cpu_seconds = decode(model, cache, logits, mask, steps, device)
                         peaks[label].append(peak.read()["extra"])
                         del cache, logits
@@ -134,15 +124,15 @@ def _batch_sweep(model, spec, methods, config, depth, device, dtype) -> list[dic
                     if handle is not None:
                         handle.remove()
         group = [{"batch": batch, "method": label, "decode_tokens": steps, "tiled_prefill": tile,
-                  "decode_tokens_per_s": _median(tps[label]), "decode_tokens_per_s_runs": tps[label],
-                  "decode_tokens_per_cpu_s": _median(cpu_tps[label]),
-                  "peak_mem_extra_bytes": _median(peaks[label])} for label, _ in methods]
+                  "decode_tokens_per_s": median(tps[label]), "decode_tokens_per_s_runs": tps[label],
+                  "decode_tokens_per_cpu_s": median(cpu_tps[label]),
+                  "peak_mem_extra_bytes": median(peaks[label])} for label, _ in methods]
         base = next(r for r in group if r["method"] == "none")
         for r in group:
-            r["decode_ratio"] = _ratio(r["decode_tokens_per_s"], base["decode_tokens_per_s"])
-            r["decode_cpu_ratio"] = _ratio(r["decode_tokens_per_cpu_s"], base["decode_tokens_per_cpu_s"])
+            r["decode_ratio"] = ratio(r["decode_tokens_per_s"], base["decode_tokens_per_s"])
+            r["decode_cpu_ratio"] = ratio(r["decode_tokens_per_cpu_s"], base["decode_tokens_per_cpu_s"])
         rows += group
-        _log(f"  scaling: batch {batch}: " + ", ".join(f"{r['method']} {r['decode_tokens_per_s']:.1f} tok/s"
+        log(f"  scaling: batch {batch}: " + ", ".join(f"{r['method']} {r['decode_tokens_per_s']:.1f} tok/s"
                                                        for r in group))
     return rows
 
@@ -169,8 +159,6 @@ def _budget(spec: ModelSpec, methods_full: list[tuple[str, Method | None]], conf
 
 def run_scaling(model: torch.nn.Module, spec: ModelSpec, methods: list[tuple[str, Method | None]], texts: list[str],
                 config: Any, depth: int, device: torch.device, dtype: torch.dtype) -> dict:
-    from .methods import make_method
-
     started = time.perf_counter()
     out = {"vision_tokens": _vision_sweep(model, spec, methods, config, depth, device, dtype)}
     out["batch"] = _batch_sweep(model, spec, methods, config, depth, device, dtype)
@@ -189,23 +177,21 @@ def run_scaling(model: torch.nn.Module, spec: ModelSpec, methods: list[tuple[str
 
 
 def scaling_markdown(scaling: dict) -> list[str]:
-    from .bench import _fmt
-
     lines = ["## Scaling", ""] + [f"- {n}" for n in scaling.get("notes", [])] + [""]
     lines += ["| images | vision tokens | method | prefill ms | prefill | prefill (CPU time) | total KV MB | total KV "
               "| FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in scaling["vision_tokens"]:
-        lines.append(f"| {r['images']} | {r['vision_tokens']} | {r['method']} | {_fmt(r['prefill_ms'], '.1f')} | "
-                     f"{_fmt(r['prefill_ratio'])} | {_fmt(r.get('prefill_cpu_ratio'))} | "
-                     f"{_fmt(r['total_kv_bytes'] / 2**20, '.1f')} | "
-                     f"{_fmt(r['total_kv_ratio'])} | {_fmt(r['flops_ratio'])} |")
+        lines.append(f"| {r['images']} | {r['vision_tokens']} | {r['method']} | {fmt(r['prefill_ms'], '.1f')} | "
+                     f"{fmt(r['prefill_ratio'])} | {fmt(r.get('prefill_cpu_ratio'))} | "
+                     f"{fmt(r['total_kv_bytes'] / 2**20, '.1f')} | "
+                     f"{fmt(r['total_kv_ratio'])} | {fmt(r['flops_ratio'])} |")
     lines += ["", "| batch | method | decode tok/s | ratio | ratio (CPU time) | peak extra MB |",
               "|---|---|---|---|---|---|"]
     for r in scaling["batch"]:
         extra = r["peak_mem_extra_bytes"]
-        lines.append(f"| {r['batch']} | {r['method']} | {_fmt(r['decode_tokens_per_s'], '.1f')} | "
-                     f"{_fmt(r['decode_ratio'])} | {_fmt(r.get('decode_cpu_ratio'))} | "
-                     f"{_fmt(extra / 2**20 if extra is not None else None, '.0f')} |")
+        lines.append(f"| {r['batch']} | {r['method']} | {fmt(r['decode_tokens_per_s'], '.1f')} | "
+                     f"{fmt(r['decode_ratio'])} | {fmt(r.get('decode_cpu_ratio'))} | "
+                     f"{fmt(extra / 2**20 if extra is not None else None, '.0f')} |")
     if scaling.get("budget"):
         lines += ["", "| budget GB | method | weights GB | KV MB / sample | largest batch |", "|---|---|---|---|---|"]
         for r in scaling["budget"]:
