@@ -9,17 +9,18 @@ from lightkv.cli import main
 from lightkv.evaluation.lmms_run import EvalRun, build_command, markdown_table, read_efficiency, read_scores
 from lightkv.evaluation.lmms_stats import TaskStats, summarize
 from lightkv.evaluation.local_task import TEMPLATE, read_shapes_task, write_shapes_task
-from lightkv.evaluation.method_spec import build_method, parse_field, parse_method_label
+from lightkv.evaluation.method_spec import build_method, parse_field, parse_method_spec
+from lightkv.methods.spec import MethodSpec
 
 
 def test_method_labels():
-    assert parse_method_label("none") == ("none", None)
-    assert parse_method_label(" LightKV@0.55 ") == ("lightkv", 0.55)
-    assert parse_method_label("fastv") == ("fastv", None)
+    assert parse_method_spec("none") == MethodSpec("none")
+    assert parse_method_spec(" LightKV@0.55 ") == MethodSpec("lightkv", 0.55)
+    assert parse_method_spec("fastv") == MethodSpec("fastv")
     for bad, match in (("nope@0.5", "unknown method"), ("lightkv@x", "number"), ("lightkv@1.5", r"\(0, 1\]"),
                        ("none@0.5", "no budget")):
         with pytest.raises(ValueError, match=match):
-            parse_method_label(bad)
+            parse_method_spec(bad)
 
 
 def test_fields_from_strings():
@@ -38,7 +39,7 @@ def test_build_method_from_budget_or_fields():
     assert build_method("lightkv", budget="0.55", num_layers=32, grid=(24, 24), guidance="uniform").guidance == "uniform"
     assert build_method("fastv", layer="3", ratio="0.25") == lightkv.FastV(layer=3, ratio=0.25)
     assert build_method("pdrop", layers="8;16", ratio=0.5) == lightkv.PDrop(layers=(8, 16), ratio=0.5)
-    with pytest.raises(ValueError, match="fields are positions, layer, ratio"):
+    with pytest.raises(ValueError, match="fields: positions, layer, ratio"):
         build_method("fastv", windows=2)
     with pytest.raises(ValueError, match="num_layers"):
         build_method("fastv", budget=0.5)
@@ -95,8 +96,17 @@ def test_cli_dry_run(tmp_path, capsys):
     assert len(lines) == 2
     assert "method=fastv,budget=0.35,grid=24x24,guidance=uniform" in lines[1]
     assert f"--include_path {tmp_path / 'tasks'}" in lines[0] and lines[0].endswith("--seed 3")
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(SystemExit) as info:  # a usage error (tests/test_cli.py has them all)
         main(["eval", "--model", "m", "--methods", "bogus", "--tasks", "mme", "--dry-run"])
+    assert info.value.code == 2 and "unknown method 'bogus'" in capsys.readouterr().err
+
+
+def test_command_lines_of_specs_with_fields(tmp_path):
+    run = EvalRun(model="m", label="lightkv:layers=12;18;24,windows=[4,2,1]", tasks=["mme"], out=tmp_path)
+    cmd = build_command(run, python="python")
+    assert cmd[cmd.index("--model_args") + 1] == (f"pretrained=m,method=lightkv,layers=12;18;24,windows=4;2;1,"
+                                                  f"stats_path={tmp_path}/lightkv_layers_12_18_24_windows_4_2_1/"
+                                                  "lightkv_stats.json")
 
 
 def test_results_are_read_and_merged(tmp_path):

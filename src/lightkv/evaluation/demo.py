@@ -10,18 +10,18 @@ from pathlib import Path
 
 import torch
 
-from ..budget import match_budget
+from ..bundled import BUNDLED_MODEL
 from ..methods import LightKV
+from ..methods.spec import build_method
 from .harness import (analytic_flops, evaluate, load_model, markdown_table, model_label, prompt_for, question_set,
                       vision_grid_side, write_results)
-from .tiny_model import BUNDLED_MODEL
 
 __all__ = ["run_demo", "lightkv_schedule", "merge_map_figure"]
 
 
 def lightkv_schedule(num_layers: int, grid: tuple[int, int], target: float) -> LightKV:
     """LightKV's reference schedule scaled to the model's depth, ratios matched to ``target`` (``match_budget``)."""
-    return match_budget("lightkv", target, num_layers, grid).method
+    return build_method("lightkv", budget=target, num_layers=num_layers, grids=[tuple(grid)])
 
 
 def merge_map_figure(model, processor, method: LightKV, items, path: Path) -> None:
@@ -73,6 +73,8 @@ def merge_map_figure(model, processor, method: LightKV, items, path: Path) -> No
 
 def run_demo(out: str | Path | None, model_path: str | Path = BUNDLED_MODEL, per_family: int = 60,
              batch_size: int = 25) -> int:
+    """Evaluate and print; with ``out`` (``lightkv demo`` always gives one) also write results.json,
+    results.md, the accuracy plot, merge_maps.png and meta.json there."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, processor = load_model(model_path)
     num_layers = model.config.text_config.num_hidden_layers

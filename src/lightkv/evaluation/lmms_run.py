@@ -1,9 +1,10 @@
 """``lightkv eval``: build and run the lmms-eval command for a model, methods and tasks; one results table.
 
-For every method label (``none``, ``lightkv@0.55``, ``fastv@0.35``, ...) it runs
+For every method spec (``none``, ``lightkv@0.55``, ``fastv:layer=3,ratio=0.75``, ...: ``lightkv.methods.spec``)
+it runs
 
     [accelerate launch --num_processes N] python -m lmms_eval --model lightkv \\
-        --model_args pretrained=<model>,method=<name>,budget=<b>,...,stats_path=<out>/<label>/lightkv_stats.json \\
+        --model_args pretrained=<model>,method=<name>,budget=<b>,<field>=<v>,...,stats_path=<run>/lightkv_stats.json \\
         --tasks <tasks> --batch_size <B> --output_path <out>/<label>/lmms --log_samples
 
 then reads lmms-eval's scores (``*_results.json``) and the plugin's efficiency statistics (retained vision
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .local_task import TASK_NAME, write_shapes_task
-from .method_spec import parse_method_label
+from .method_spec import parse_method_spec, spec_to_model_args
 
 __all__ = ["EvalRun", "build_command", "read_scores", "read_efficiency", "run_eval", "markdown_table"]
 
@@ -33,7 +35,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 @dataclass
 class EvalRun:
-    """One lmms-eval invocation: a method label on a model and a task list."""
+    """One lmms-eval invocation: a method spec (``label``) on a model and a task list."""
 
     model: str
     label: str
@@ -48,7 +50,9 @@ class EvalRun:
 
     @property
     def folder(self) -> Path:
-        return self.out / self.label.replace("@", "_")
+        """<out>/<label> with every character outside letters, digits, '.' and '-' as '_' (lightkv@0.55 ->
+        lightkv_0.55)."""
+        return self.out / (re.sub(r"[^A-Za-z0-9.\-]+", "_", self.label.strip()).strip("_") or "none")
 
     @property
     def stats_path(self) -> Path:
@@ -66,10 +70,7 @@ def _arg_value(value: Any) -> str:
 
 def build_command(run: EvalRun, python: str = sys.executable) -> list[str]:
     """The lmms-eval command line (a list for subprocess) of ``run``."""
-    name, budget = parse_method_label(run.label)
-    model_args: dict[str, Any] = {"pretrained": run.model, "method": name}
-    if budget is not None:
-        model_args["budget"] = budget
+    model_args: dict[str, Any] = {"pretrained": run.model, **spec_to_model_args(run.label)}
     model_args.update(run.model_args)
     model_args["stats_path"] = str(run.stats_path)
     args_text = ",".join(f"{key}={_arg_value(value)}" for key, value in model_args.items() if value is not None)
@@ -162,10 +163,10 @@ def run_eval(model: str, methods: list[str], tasks: list[str], out: str | Path, 
              num_processes: int = 1, model_args: dict[str, Any] | None = None, include_paths: list[str] | None = None,
              limit: int | None = None, shapes_per_family: int = 20, offline: bool = False,
              extra_args: list[str] | None = None, dry_run: bool = False, echo: bool = True) -> list[dict]:
-    """Run lmms-eval once per method label and collect one table; returns its rows (also in out/results.json)."""
+    """Run lmms-eval once per method spec and collect one table; returns its rows (also in out/results.json)."""
     out = Path(out).resolve()
     for label in methods:
-        parse_method_label(label)  # fail before any run
+        parse_method_spec(label)  # fail before any run
     include = list(include_paths or [])
     if TASK_NAME in tasks:
         task_folder = out / "tasks"
