@@ -7,7 +7,8 @@ Registered through the ``lmms_eval.models`` entry point when lightkv is installe
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=lightkv,budget=0.55
 
 model_args (besides ``pretrained``):
-  method        none (default) or lightkv, tome, random, fastv, pdrop, sparsevlm, visionzip, dart.
+  method        none (default) or any registered method, as a spec without ',' or '=' (``fastv``,
+                ``lightkv@0.55``; ``lightkv.methods.spec``; ``lightkv methods`` lists the names).
   budget        average retained vision fraction over all decoder layers (``lightkv.match_budget``); or give
                 the method's own fields instead, lists as [12,18,24] or 12;18;24 (``layers=12;18;24,...``).
   grid          one image's token grid RxC for budget matching (default: from the config of fixed-resolution
@@ -47,7 +48,7 @@ from lmms_eval.api.model import lmms
 from ..adapters import get_adapter
 from ..engine import apply
 from .lmms_stats import TaskStats, summarize
-from .method_spec import build_method
+from .method_spec import build_method, spec_from_model_args
 
 __all__ = ["LightKVModel", "truncate_at_stop", "GENERATE_KWARGS"]
 
@@ -143,6 +144,8 @@ class LightKVModel(lmms):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}") from None
         if self._batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        # method=, budget= and the method's fields as one spec, checked before any model is loaded
+        spec = spec_from_model_args(method, budget, method_fields)
         self.accelerator = Accelerator()
         # accelerate launch / torchrun set these; lmms-eval shards the documents by them
         self._rank = int(os.environ.get("RANK", self.accelerator.process_index))
@@ -193,14 +196,14 @@ class LightKVModel(lmms):
         self.use_cache = bool(use_cache)
         self.stats_path = stats_path
 
-        num_layers = len(get_adapter(self._model).decoder_layers) if method not in (None, "", "none") else None
+        num_layers = len(get_adapter(self._model).decoder_layers) if spec.name != "none" else None
         grid_hw = _parse_grid(grid) or _config_grid(config, max_pixels)
-        if budget is not None and method not in (None, "", "none") and grid_hw is None:
+        if spec.budget is not None and grid_hw is None:
             raise ValueError(f"cannot tell the image token grid of {type(self._model).__name__} (its resolution "
                              "varies): give grid=RxC (e.g. grid=24x24) or max_pixels= with budget=")
-        self.method = build_method(method, budget=budget, num_layers=num_layers, grid=grid_hw, **method_fields)
+        self.method = build_method(spec, num_layers=num_layers, grid=grid_hw)
         self.method_label = "none" if self.method is None else (
-            f"{method}@{float(budget):.2f}" if budget is not None else str(method))
+            f"{spec.name}@{spec.budget:.2f}" if spec.budget is not None else str(method))
         self.handle = apply(self._model, self.method) if self.method is not None else None
         self._stats: dict[str, TaskStats] = defaultdict(TaskStats)
         self._prefill: dict | None = None
