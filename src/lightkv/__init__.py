@@ -6,13 +6,18 @@
     handle.remove()
 """
 
-from .adapters import SUPPORTED_FAMILIES
+from .methods import (DART, FastV, LightKV, Method, MethodSpec, PDrop, Random, ScorePruneMethod, SparseVLM,
+                      StageContext, StageResult, ToMe, VisionZip, WindowMergeMethod, build_method, get_method,
+                      method_names, parse_method_spec, predict_kept_per_layer, predict_retained_fraction,
+                      register_method, retained_fraction, split_method_list)
+from .budget import BudgetMatch, match_budget, register_budget
+from .adapters import SUPPORTED_FAMILIES, register_adapter
 from .engine import Handle, PrefillStats, apply
-from .budget import BudgetMatch, match_budget, predict_kept_per_layer, register_budget
-from .methods import (DART, FastV, LightKV, Method, PDrop, Random, SparseVLM, ToMe, VisionZip,
-                      predict_retained_fraction)
 
-__all__ = ["apply", "Handle", "PrefillStats", "LightKV", "Method", "predict_retained_fraction",
-           "SUPPORTED_FAMILIES", "ToMe", "Random", "FastV", "PDrop", "DART", "match_budget", "BudgetMatch",
-           "register_budget", "predict_kept_per_layer", "SparseVLM", "VisionZip"]
+__all__ = ["apply", "Handle", "PrefillStats", "SUPPORTED_FAMILIES", "register_adapter",
+           "Method", "StageContext", "StageResult", "ScorePruneMethod", "WindowMergeMethod",
+           "LightKV", "ToMe", "Random", "FastV", "PDrop", "DART", "SparseVLM", "VisionZip",
+           "register_method", "get_method", "method_names", "MethodSpec", "parse_method_spec", "split_method_list",
+           "build_method", "retained_fraction", "match_budget", "BudgetMatch", "register_budget",
+           "predict_retained_fraction", "predict_kept_per_layer"]
 __version__ = "0.1.0"

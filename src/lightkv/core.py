@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "StageResult",
     "MergeResult",
     "band_index",
     "window_index",
@@ -81,12 +82,13 @@ def merge_count(ratio: float, n_tokens: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class MergeResult:
-    """Output of one merge stage.
+class StageResult:
+    """Output of one stage of any method (merge or prune).
 
     keep: (B, N) bool, tokens that survive.
-    hidden: (B, N, D), hidden states after message passing (kept tokens updated, others unchanged).
-    destination: (B, N) long, slot each token now lives in (itself when kept, best(a) when merged).
+    hidden: (B, N, D), hidden states after the stage (kept tokens updated, others unchanged).
+    destination: (B, N) long, slot each token now lives in: itself when kept, the kept slot it was merged
+        into, or itself for a pruned token (merged nowhere).
     """
 
     keep: torch.Tensor
@@ -94,8 +96,11 @@ class MergeResult:
     destination: torch.Tensor
 
 
+MergeResult = StageResult  # the former name, kept for compatibility
+
+
 def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.Tensor | None,
-                    ratio: float) -> MergeResult:
+                    ratio: float) -> StageResult:
     """Windowed bipartite matching and guided many-to-one merge, batched over all groups.
 
     hidden: (B, N, D). groups: (B, N) long group ids, -1 = not merged; a group must not span rows.
@@ -109,7 +114,7 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     keep = torch.ones(B * N, dtype=torch.bool, device=device)
     destination = torch.arange(B * N, device=device)
     if members.numel() == 0:
-        return MergeResult(keep.view(B, N), hidden, (destination % N).view(B, N))
+        return StageResult(keep.view(B, N), hidden, (destination % N).view(B, N))
 
     # Sort members by group; a stable sort keeps sequence order inside each group.
     member_groups = flat_groups[members]
@@ -174,7 +179,7 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
                          num[receivers] / den[receivers].clamp(min=torch.finfo(torch.float32).tiny)[:, None])
     new_hidden = flat_hidden.clone()
     new_hidden[receivers] = merged.to(hidden.dtype)
-    return MergeResult(keep.view(B, N), new_hidden.view(B, N, D), (destination % N).view(B, N))
+    return StageResult(keep.view(B, N), new_hidden.view(B, N, D), (destination % N).view(B, N))
 
 
 def compact_indices(keep: torch.Tensor, destination: torch.Tensor | None = None

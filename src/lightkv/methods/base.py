@@ -1,28 +1,95 @@
-"""Base class of every compression method.
+"""The method-author API: ``Method``, what a stage sees (``StageContext``) and returns (``StageResult``), and the
+two bases that most methods need only one function of.
 
 A method names the decoder layers after which it acts (``stage_layers``) and, at each of them, turns the
 current sequence into a shorter one (``reduce``). The engine (``lightkv.engine``) does everything that is
 about models: finding vision tokens, gathering positions and masks, keeping the cache consistent.
+
+- ``ScorePruneMethod``: score the vision patches of each sample, keep the best; a subclass writes ``score``.
+- ``WindowMergeMethod``: LightKV's windowed bipartite merge; a subclass writes ``merge_weights``.
+
+Methods are frozen dataclasses: a field changed while a method is applied would silently disagree with the
+handle, so ``dataclasses.replace(method, ratio=...)`` makes a new one instead.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 
-from ..core import MergeResult
+import torch
+
+from ..core import MergeResult, StageResult, bipartite_merge, merge_count, window_groups
+from ._common import (as_grid, check_int, check_ints, check_layer, check_layers, check_ratio, check_ratios,
+                      drop_count, keep_top_scored, kept_after_stages, normalize_grids, set_field)
 
 if TYPE_CHECKING:
-    from ..engine import Handle, StageContext
+    from ..engine import Handle
 
-__all__ = ["Method", "POSITION_MODES"]
+__all__ = ["Method", "StageContext", "StageResult", "MergeResult", "ScorePruneMethod", "WindowMergeMethod",
+           "POSITION_MODES", "retained_fraction", "predict_kept_per_layer", "predict_retained_fraction"]
 
 POSITION_MODES = ("original", "compact")
 
+logger = logging.getLogger("lightkv")
 
-@dataclass
+
+class _HandleLike(Protocol):  # what ``Method.install`` may use; the real type is ``lightkv.engine.Handle``
+    adapter: Any
+
+    def prefill_state(self) -> Any: ...
+
+
+@dataclass(eq=False, repr=False)
+class StageContext:
+    """The current sequence at a stage layer, as a method sees it; the engine builds one per stage.
+
+    hidden: (B, M, D). token_valid, vision_mask: (B, M) bool (False on padding). image_index: (B, M) long,
+    index into ``grid_hw`` of each image patch, -1 elsewhere. grid_rows, grid_cols: (B, M) long, original grid
+    coordinate of each patch. grid_hw: (I, 2) long, rows and cols of each image of the batch.
+    input_positions: (B, M) long, position of each slot among its row's real input tokens (independent of
+    padding and batch row). token_state: per-token (B, M, ...) tensors a method carries across stages (the
+    engine gathers them with the hidden states). method_state: what the method's own hooks (``install``) left
+    for this call. attention_fn: returns the stage layer's post-RoPE queries, keys and scaling.
+    """
+
+    layer_index: int
+    hidden: torch.Tensor
+    token_valid: torch.Tensor
+    vision_mask: torch.Tensor
+    image_index: torch.Tensor
+    grid_rows: torch.Tensor
+    grid_cols: torch.Tensor
+    grid_hw: torch.Tensor
+    input_positions: torch.Tensor
+    token_state: dict
+    method_state: dict
+    attention_fn: Callable[[], tuple]
+
+    def image_token_counts(self) -> torch.Tensor:
+        """(I,) current number of mergeable patches of each image."""
+        patches = self.image_index[self.image_index >= 0]
+        return torch.bincount(patches, minlength=self.grid_hw.shape[0])
+
+    def after_first_image(self) -> torch.Tensor:
+        """(B, M) bool, slots after the first vision token of their row."""
+        first = torch.where(self.vision_mask.any(1), self.vision_mask.float().argmax(1), self.vision_mask.shape[1])
+        return torch.arange(self.vision_mask.shape[1], device=first.device)[None, :] > first[:, None]
+
+    def attention(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Post-RoPE queries (B, H, M, Dh), keys (B, Hkv, M, Dh) and the scaling of the stage layer."""
+        return self.attention_fn()
+
+    def __repr__(self) -> str:
+        B, M, D = self.hidden.shape
+        return f"StageContext(layer_index={self.layer_index}, batch={B}, tokens={M}, hidden={D})"
+
+
+@dataclass(frozen=True)
 class Method:
-    """Base class of every compression method.
+    """Base class of every compression method (a frozen dataclass; subclasses use ``@dataclass(frozen=True)``).
 
     positions: "original" keeps each kept token's original position id (ours, default); "compact" renumbers
     positions 0..N'-1 after each stage, as the reference code does.
@@ -59,7 +126,7 @@ class Method:
                     f"stage layer {layer} does not exist: the model has {num_layers} decoder layers "
                     f"(valid layers are 0..{num_layers - 1})")
 
-    def install(self, handle: "Handle") -> list[Any]:
+    def install(self, handle: "Handle | _HandleLike") -> list[Any]:
         """Register extra hooks the method needs (e.g. on the vision encoder); called once by ``apply``.
 
         Called after the engine registered its own hooks, so a method hook on the same module (e.g. the entry
@@ -71,11 +138,250 @@ class Method:
         """
         return []
 
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
+    def reduce(self, ctx: StageContext, stage: int) -> StageResult:
         """Decide which tokens of the current sequence survive stage ``stage`` and their new hidden states.
 
-        ``MergeResult.destination`` of a token that is not kept names the kept slot it was merged into; a
+        ``StageResult.destination`` of a token that is not kept names the kept slot it was merged into; a
         pruned token (merged nowhere) points at itself, and the engine then sends its position in the
         full-length output to the last kept slot before it (or the row's first kept slot).
         """
         raise NotImplementedError
+
+    # -- prediction -------------------------------------------------------------------------------------------
+    def kept_after_each_stage(self, grids: tuple[tuple[int, int], ...]) -> list[int]:
+        """Vision tokens of one sample whose images have these (rows, cols) ``grids``, after each stage."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict its kept counts: give it "
+                                  "kept_after_each_stage(grids) (or kept_per_layer(num_layers, grids))")
+
+    def kept_per_layer(self, num_layers: int, grids: Sequence[tuple[int, int]]) -> list[int]:
+        """Vision tokens each of ``num_layers`` decoder layers sees (and caches) for ONE sample whose images
+        have these (rows, cols) token ``grids``, e.g. [(24, 24), (12, 18)]; without running a model.
+
+        A layer holds what is left after every stage that ran before it (stage layer < layer).
+        """
+        num_layers = check_int("num_layers", num_layers, 1)
+        grids = normalize_grids(grids)
+        self.validate_for(num_layers)
+        stages = tuple(self.stage_layers)
+        after = list(self.kept_after_each_stage(grids))
+        if len(after) != len(stages):
+            raise RuntimeError(f"{type(self).__name__}.kept_after_each_stage gave {len(after)} counts for "
+                               f"{len(stages)} stages")
+        counts = [sum(h * w for h, w in grids), *after]
+        return [counts[sum(1 for s in stages if s < layer)] for layer in range(num_layers)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prediction, module level
+
+
+def retained_fraction(method: Method, num_layers: int, grids: Sequence[tuple[int, int]]) -> float:
+    """Mean over ``num_layers`` decoder layers of (vision tokens the layer caches) / (vision tokens of the
+    prompt), for one sample whose images have these (rows, cols) ``grids``."""
+    grids = normalize_grids(grids)
+    kept = method.kept_per_layer(num_layers, grids)
+    return sum(kept) / (len(kept) * sum(h * w for h, w in grids))
+
+
+def predict_kept_per_layer(method: Method, num_layers: int, grid: Any, num_images: int = 1) -> list[int]:
+    """Deprecated: ``method.kept_per_layer(num_layers, [grid] * num_images)``."""
+    warnings.warn("predict_kept_per_layer(method, num_layers, grid, num_images) is deprecated; use "
+                  "method.kept_per_layer(num_layers, grids)", DeprecationWarning, stacklevel=2)
+    num_images = check_int("num_images", num_images, 1)
+    return method.kept_per_layer(num_layers, [as_grid(grid)] * num_images)
+
+
+def predict_retained_fraction(method: Method, num_layers: int, grid: Any, num_images: int = 1) -> dict:
+    """Deprecated: {"kept_per_layer": method.kept_per_layer(...), "retained_fraction": retained_fraction(...)}
+    for one sample with ``num_images`` images of ``grid`` (rows, cols) or a square token count."""
+    warnings.warn("predict_retained_fraction(method, num_layers, grid, num_images) is deprecated; use "
+                  "method.kept_per_layer(num_layers, grids) and lightkv.retained_fraction(method, num_layers, "
+                  "grids)", DeprecationWarning, stacklevel=2)
+    num_images = check_int("num_images", num_images, 1)
+    grids = [as_grid(grid)] * num_images
+    kept = method.kept_per_layer(num_layers, grids)
+    return {"kept_per_layer": kept, "retained_fraction": sum(kept) / (len(kept) * sum(h * w for h, w in grids))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# score, then prune
+
+
+@dataclass(frozen=True)
+class ScorePruneMethod(Method):
+    """Per sample, score the vision patches (all images together) and keep the best at each stage.
+
+    A subclass declares its fields (``layer`` or ``layers``, ``ratio``, its own) and writes ``score``. At
+    stage s, a sample of n patches keeps n - floor(ratio * n), the highest-scored (ties: earlier slot); tokens
+    that are not patches are never removed. ``always_keep`` may name patches kept first (they count).
+    """
+
+    needs_attention: ClassVar[bool] = True  # most scores read the stage layer's queries/keys
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if hasattr(self, "layer"):
+            set_field(self, "layer", check_layer("layer", self.layer))
+        if hasattr(self, "layers"):
+            set_field(self, "layers", check_layers("layers", self.layers))
+        if not hasattr(self, "layer") and not hasattr(self, "layers"):
+            raise TypeError(f"{type(self).__name__} needs a field 'layer' or 'layers'")
+        if hasattr(self, "ratio"):
+            set_field(self, "ratio", check_ratio("ratio", self.ratio))
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return tuple(self.layers) if hasattr(self, "layers") else (self.layer,)
+
+    def stage_ratio(self, stage: int) -> float:
+        """Fraction of the current patches dropped at ``stage`` (the ``ratio`` field by default)."""
+        return self.ratio
+
+    def score(self, ctx: StageContext, stage: int) -> torch.Tensor:
+        """(B, M) scores; only read on the patches, higher is kept first."""
+        raise NotImplementedError
+
+    def always_keep(self, ctx: StageContext, stage: int, keep_counts: torch.Tensor) -> torch.Tensor | None:
+        """(B, M) bool patches kept before any other (at most ``keep_counts`` (B,) per row), or None.
+        Called before ``score``."""
+        return None
+
+    def reduce(self, ctx: StageContext, stage: int) -> StageResult:
+        candidates = ctx.image_index >= 0  # (B, M)
+        counts = candidates.sum(1)
+        keep_counts = counts - drop_count(self.stage_ratio(stage), counts)
+        always = self.always_keep(ctx, stage, keep_counts)
+        scores = self.score(ctx, stage)
+        return keep_top_scored(ctx.hidden, scores, candidates, keep_counts, always_keep=always)
+
+    def kept_after_each_stage(self, grids: tuple[tuple[int, int], ...]) -> list[int]:
+        n = sum(h * w for h, w in grids)
+        return kept_after_stages(n, [self.stage_ratio(s) for s in range(len(self.stage_layers))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# windowed merge
+
+
+@dataclass(frozen=True)
+class WindowMergeMethod(Method):
+    """LightKV's stage (METHOD.md): per image window, bipartite matching on cosine similarity and a weighted
+    many-to-one merge. A subclass writes ``merge_weights`` (and declares ``min_tokens_per_window``).
+
+    layers: decoder layers after which a stage runs (strictly increasing, >= 0).
+    windows: windows per side W_s of each stage (>= 1).
+    ratios: fraction P_s of the current tokens of each window that is merged away, in [0, 1]
+        (capped at half a window).
+    A stage is skipped for an image with fewer than ``min_tokens_per_window`` x W_s^2 tokens (reference rule);
+    a warning names the image grid the first time, per method instance, stage and grid.
+    """
+
+    layers: Sequence[int] = (12, 18, 24)
+    windows: Sequence[int] = (4, 2, 1)
+    ratios: Sequence[float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_field(self, "layers", check_ints("layers", self.layers))
+        set_field(self, "windows", check_ints("windows", self.windows))
+        set_field(self, "ratios", check_ratios("ratios", self.ratios))
+        if not self.layers:
+            raise ValueError(f"a {type(self).__name__} schedule needs at least one stage (layers is empty)")
+        if not len(self.layers) == len(self.windows) == len(self.ratios):
+            raise ValueError(
+                f"layers, windows and ratios must have the same length, got {len(self.layers)}, "
+                f"{len(self.windows)} and {len(self.ratios)}")
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError(f"layers must be >= 0, got {list(self.layers)}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must not repeat, got {list(self.layers)}")
+        if list(self.layers) != sorted(self.layers):
+            raise ValueError(f"layers must be in increasing order, got {list(self.layers)}")
+        if any(w < 1 for w in self.windows):
+            raise ValueError(f"windows must be >= 1 per side, got {list(self.windows)}")
+        try:
+            set_field(self, "min_tokens_per_window", check_int("min_tokens_per_window", self.min_tokens_per_window, 1))
+        except (TypeError, ValueError):
+            raise ValueError("min_tokens_per_window must be an integer >= 1, got "
+                             f"{self.min_tokens_per_window!r}") from None
+        set_field(self, "_warned_skips", set())  # (stage, rows, cols) already warned about
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return tuple(self.layers)
+
+    def merge_weights(self, ctx: StageContext, stage: int, groups: torch.Tensor) -> torch.Tensor | None:
+        """(B, M) non-negative merge weights g_t, or None for equal weights. groups: (B, M) window ids
+        (-1: not merged)."""
+        raise NotImplementedError
+
+    def merged(self, ctx: StageContext, stage: int, result: StageResult, weights: torch.Tensor | None) -> None:
+        """Called after the merge (e.g. to carry token sizes in ``ctx.token_state``)."""
+
+    def _active_images(self, ctx: StageContext, stage: int) -> torch.Tensor:
+        """(I,) images with enough tokens for this stage's windows; warns once for each skipped grid."""
+        windows = self.windows[stage]
+        threshold = self.min_tokens_per_window * windows * windows
+        counts = ctx.image_token_counts()  # (I,) current patches per image
+        active = counts >= threshold
+        for image in torch.nonzero(~active & (counts > 0)).flatten().tolist():
+            rows, cols = (int(v) for v in ctx.grid_hw[image].tolist())
+            args = (type(self).__name__, stage, self.layers[stage], rows, cols, int(counts[image]),
+                    self.min_tokens_per_window, windows, threshold)
+            message = ("lightkv: %s stage %d (after decoder layer %d) is skipped for a %d x %d image grid: it "
+                       "holds %d vision tokens, fewer than min_tokens_per_window x windows^2 = %d x %d^2 = %d, "
+                       "so nothing of it is merged; use fewer windows for images this small")
+            key = (stage, rows, cols)
+            if key in self._warned_skips:
+                logger.debug(message, *args)
+            else:
+                self._warned_skips.add(key)
+                logger.warning(message, *args)
+        return active
+
+    def reduce(self, ctx: StageContext, stage: int) -> StageResult:
+        windows, ratio = self.windows[stage], self.ratios[stage]
+        active = self._active_images(ctx, stage)
+        groups = window_groups(ctx.image_index, ctx.grid_rows, ctx.grid_cols, ctx.grid_hw, windows, active)
+        weights = self.merge_weights(ctx, stage, groups)
+        result = bipartite_merge(ctx.hidden, groups, weights, ratio)
+        self.merged(ctx, stage, result, weights)
+        return result
+
+    def kept_after_each_stage(self, grids: tuple[tuple[int, int], ...]) -> list[int]:
+        """Exact when each stage's windows are unions of the previous stage's windows (e.g. 4, 2, 1 on
+        24 x 24), since r depends only on window sizes; otherwise survivors are spread over the next stage's
+        windows in proportion to overlap, an estimate. Each image is predicted on its own."""
+        per_image = [_window_merge_counts(grid, self.windows, self.ratios, self.min_tokens_per_window)
+                     for grid in grids]
+        return [sum(counts[s] for counts in per_image) for s in range(len(self.layers))]
+
+
+def _window_merge_counts(grid: tuple[int, int], windows: Sequence[int], ratios: Sequence[float],
+                         min_tokens_per_window: int) -> list[int]:
+    """Tokens of one image of ``grid`` = (H, W) left after each windowed-merge stage."""
+    H, W = grid
+    # per-cell survivor density (fraction of the cell still present), refined stage by stage
+    density = torch.ones(H, W, dtype=torch.float64)
+    rows = torch.arange(H)[:, None].expand(H, W)
+    cols = torch.arange(W)[None, :].expand(H, W)
+    hw = torch.tensor([[H, W]])
+    counts_after = []
+    for w_side, ratio in zip(windows, ratios):
+        total = float(density.sum())
+        if round(total) < min_tokens_per_window * w_side * w_side:
+            counts_after.append(round(total))
+            continue
+        win = window_groups(torch.zeros(H, W, dtype=torch.long), rows, cols, hw, w_side)
+        new_density = density.clone()
+        for w in range(w_side * w_side):
+            cell = win == w
+            n = float(density[cell].sum())
+            n_int = round(n)
+            r = int(merge_count(ratio, torch.tensor([n_int]))[0])
+            if n > 0:
+                new_density[cell] = density[cell] * (n_int - r) / n
+        density = new_density
+        counts_after.append(round(float(density.sum())))
+    return counts_after
+

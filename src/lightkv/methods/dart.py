@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from ..core import MergeResult
-from .base import Method
-from .pruning import check_layer, check_ratio, drop_count, keep_top_scored, kept_after_stages
-
-if TYPE_CHECKING:
-    from ..engine import StageContext
+from ._common import check_int, keep_top_scored, set_field
+from ._matchers import single_stage_matcher
+from .base import ScorePruneMethod, StageContext
+from .registry import register_method
 
 __all__ = ["DART"]
 
+_PIVOTS = "dart_pivots"  # ctx.method_state key: the pivots of the stage in progress, from always_keep to score
 
-@dataclass
-class DART(Method):
+
+@dataclass(frozen=True)
+class DART(ScorePruneMethod):
     """Once, after decoder ``layer``, per sample of n vision patches:
 
     1. pivots: the ``num_pivots`` patches with the largest key norm at that layer. The norm is the L2 norm of
@@ -39,36 +38,19 @@ class DART(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.layer = check_layer("layer", self.layer)
-        self.ratio = check_ratio("ratio", self.ratio)
-        if isinstance(self.num_pivots, bool) or not isinstance(self.num_pivots, int):
-            raise TypeError(f"num_pivots must be an integer >= 1, got {self.num_pivots!r}")
-        if self.num_pivots < 1:
-            raise ValueError(f"num_pivots must be >= 1, got {self.num_pivots}")
+        set_field(self, "num_pivots", check_int("num_pivots", self.num_pivots, 1))
 
-    @property
-    def stage_layers(self) -> tuple[int, ...]:
-        return (self.layer,)
-
-    @property
-    def needs_attention(self) -> bool:
-        return True  # the keys of the stage layer
-
-    def kept_after(self, n: int) -> list[int]:
-        """Vision patches left after each stage for a sample of ``n`` patches."""
-        return kept_after_stages(n, [self.ratio])
-
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
+    def always_keep(self, ctx: StageContext, stage: int, keep_counts: torch.Tensor) -> torch.Tensor:
         candidates = ctx.image_index >= 0  # (B, M)
-        counts = candidates.sum(1)
-        keep_counts = counts - drop_count(self.ratio, counts)
         _, k, _ = ctx.attention()  # (B, Hkv, M, Dh)
         key_norm = k.float().pow(2).sum(dim=(1, 3)).sqrt()  # (B, M)
-        pivot_counts = keep_counts.clamp(max=self.num_pivots)
-        pivots = keep_top_scored(ctx.hidden, key_norm, candidates, pivot_counts).keep & candidates
+        pivots = keep_top_scored(ctx.hidden, key_norm, candidates, keep_counts.clamp(max=self.num_pivots))
+        ctx.method_state[_PIVOTS] = pivots.keep & candidates
+        return ctx.method_state[_PIVOTS]
+
+    def score(self, ctx: StageContext, stage: int) -> torch.Tensor:
         unit = torch.nn.functional.normalize(ctx.hidden.float(), dim=-1)  # (B, M, D)
-        duplication = _max_similarity_to(unit, pivots)  # (B, M); only tokens x pivots is formed
-        return keep_top_scored(ctx.hidden, -duplication, candidates, keep_counts, always_keep=pivots)
+        return -_max_similarity_to(unit, ctx.method_state.pop(_PIVOTS))  # only tokens x pivots is formed
 
 
 def _max_similarity_to(unit: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
@@ -81,3 +63,6 @@ def _max_similarity_to(unit: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor
     sim = unit @ pivot_feats.transpose(1, 2)  # (B, M, P)
     sim = sim.masked_fill(~present[:, None, :], -torch.inf)
     return sim.max(dim=-1).values
+
+
+register_method("dart", DART, matcher=single_stage_matcher(DART))

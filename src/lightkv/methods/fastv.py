@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from ..core import MergeResult
-from .base import Method
-from .pruning import (check_layer, check_ratio, drop_count, keep_top_scored, kept_after_stages,
-                      last_token_attention)
+import torch
 
-if TYPE_CHECKING:
-    from ..engine import StageContext
+from ._common import last_token_attention
+from ._matchers import single_stage_matcher
+from .base import ScorePruneMethod, StageContext
+from .registry import register_method
 
 __all__ = ["FastV"]
 
 
-@dataclass
-class FastV(Method):
+@dataclass(frozen=True)
+class FastV(ScorePruneMethod):
     """Once, after decoder ``layer``: score each vision patch by the attention the last real token of its
     sample pays to it at that layer (causal softmax over keys, mean over heads) and drop the floor(ratio * n)
     lowest-scored of the sample's n patches.
@@ -33,26 +31,9 @@ class FastV(Method):
     layer: int = 2
     ratio: float = 0.5
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.layer = check_layer("layer", self.layer)
-        self.ratio = check_ratio("ratio", self.ratio)
-
-    @property
-    def stage_layers(self) -> tuple[int, ...]:
-        return (self.layer,)
-
-    @property
-    def needs_attention(self) -> bool:
-        return True
-
-    def kept_after(self, n: int) -> list[int]:
-        """Vision patches left after each stage for a sample of ``n`` patches."""
-        return kept_after_stages(n, [self.ratio])
-
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
-        candidates = ctx.image_index >= 0
-        counts = candidates.sum(1)
+    def score(self, ctx: StageContext, stage: int) -> torch.Tensor:
         q, k, scaling = ctx.attention()
-        scores = last_token_attention(q, k, ctx.token_valid, scaling)  # (B, M)
-        return keep_top_scored(ctx.hidden, scores, candidates, counts - drop_count(self.ratio, counts))
+        return last_token_attention(q, k, ctx.token_valid, scaling)  # (B, M)
+
+
+register_method("fastv", FastV, matcher=single_stage_matcher(FastV))

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from ..core import MergeResult
-from .base import Method
-from .pruning import (check_layers, check_ratio, drop_count, keep_top_scored, kept_after_stages,
-                      last_token_attention)
+import torch
 
-if TYPE_CHECKING:
-    from ..engine import StageContext
+from ._common import last_token_attention
+from ._matchers import staged_matcher
+from .base import ScorePruneMethod, StageContext
+from .registry import register_method
 
 __all__ = ["PDrop"]
 
+PDROP_REFERENCE = ((8, 16, 24), 32)  # layers, depth (LLaVA-1.5-7B)
 
-@dataclass
-class PDrop(Method):
+
+@dataclass(frozen=True)
+class PDrop(ScorePruneMethod):
     """At each stage, score the remaining vision patches of a sample by the attention its last instruction
     token (the last real token of the prompt) pays to them at that layer (causal softmax over keys, mean
     over heads), and drop the floor(ratio * n) lowest-scored of the n remaining. Stages compound:
@@ -30,26 +31,9 @@ class PDrop(Method):
     layers: Sequence[int] = (8, 16, 24)
     ratio: float = 0.5
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.layers = check_layers("layers", self.layers)
-        self.ratio = check_ratio("ratio", self.ratio)
-
-    @property
-    def stage_layers(self) -> tuple[int, ...]:
-        return tuple(self.layers)
-
-    @property
-    def needs_attention(self) -> bool:
-        return True
-
-    def kept_after(self, n: int) -> list[int]:
-        """Vision patches left after each stage for a sample of ``n`` patches."""
-        return kept_after_stages(n, [self.ratio] * len(self.layers))
-
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
-        candidates = ctx.image_index >= 0
-        counts = candidates.sum(1)
+    def score(self, ctx: StageContext, stage: int) -> torch.Tensor:
         q, k, scaling = ctx.attention()
-        scores = last_token_attention(q, k, ctx.token_valid, scaling)
-        return keep_top_scored(ctx.hidden, scores, candidates, counts - drop_count(self.ratio, counts))
+        return last_token_attention(q, k, ctx.token_valid, scaling)  # (B, M)
+
+
+register_method("pdrop", PDrop, matcher=staged_matcher(PDrop, *PDROP_REFERENCE))

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import torch
 
-from ..core import MergeResult
-from .base import Method
-from .pruning import check_layer, check_ratio, drop_count, keep_top_scored, kept_after_stages
-
-if TYPE_CHECKING:
-    from ..engine import StageContext
+from ._common import check_int, set_field
+from ._matchers import single_stage_matcher
+from .base import ScorePruneMethod, StageContext
+from .registry import register_method
 
 __all__ = ["Random"]
 
@@ -20,8 +18,8 @@ _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio), spreads nearby 
 _MASK = (1 << 63) - 1
 
 
-@dataclass
-class Random(Method):
+@dataclass(frozen=True)
+class Random(ScorePruneMethod):
     """Drop floor(ratio * n) of a sample's n vision patches, chosen uniformly at random, after ``layer``.
 
     layer: decoder layer after whose output tokens are dropped (0-based). ratio: fraction dropped, in [0, 1].
@@ -35,20 +33,11 @@ class Random(Method):
     ratio: float = 0.5
     seed: int = 0
 
+    needs_attention: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.layer = check_layer("layer", self.layer)
-        self.ratio = check_ratio("ratio", self.ratio)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an integer, got {self.seed!r}")
-
-    @property
-    def stage_layers(self) -> tuple[int, ...]:
-        return (self.layer,)
-
-    def kept_after(self, n: int) -> list[int]:
-        """Vision patches left after each stage for a sample of ``n`` patches."""
-        return kept_after_stages(n, [self.ratio])
+        set_field(self, "seed", check_int("seed", self.seed))
 
     def sample_seed(self, stage: int, num_patches: int, first_patch_position: int) -> int:
         """Seed of one sample's generator (see the class docstring)."""
@@ -57,7 +46,7 @@ class Random(Method):
             x = ((x ^ part) * _MIX + 1) & _MASK
         return x
 
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
+    def score(self, ctx: StageContext, stage: int) -> torch.Tensor:
         candidates = ctx.image_index >= 0  # (B, M)
         counts = candidates.sum(1)
         # position of each row's first patch among its real tokens: independent of padding and batch row
@@ -69,5 +58,7 @@ class Random(Method):
                 continue
             gen = torch.Generator().manual_seed(self.sample_seed(stage, n, int(first[b])))
             scores[b, candidates[b].cpu()] = torch.rand(n, generator=gen, dtype=torch.float64)
-        keep_counts = counts - drop_count(self.ratio, counts)
-        return keep_top_scored(ctx.hidden, scores.to(candidates.device), candidates, keep_counts)
+        return scores.to(candidates.device)
+
+
+register_method("random", Random, matcher=single_stage_matcher(Random))

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..core import MergeResult
+from ..budget import search_schedule
 from ..guidance import gather_rows
-from .base import Method
-from .pruning import check_ratio, merge_into_nearest
-from .visionzip import _rank_in_groups
-
-if TYPE_CHECKING:
-    from ..engine import StageContext
+from ._common import check_ints, check_ratio, merge_into_nearest, rank_in_groups, set_field
+from .base import Method, StageContext, StageResult
+from .registry import register_method
 
 __all__ = ["SparseVLM", "rater_scores", "SPARSEVLM_SETTINGS"]
 
@@ -73,18 +70,7 @@ def rater_scores(q: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor, pat
     return scores, raters
 
 
-def _check_ints(name: str, values: Any, minimum: int) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a list of integers, got {values!r}")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must contain integers, got {v!r}")
-        if v < minimum:
-            raise ValueError(f"{name} must contain integers >= {minimum}, got {list(values)}")
-    return tuple(values)
-
-
-@dataclass
+@dataclass(frozen=True)
 class SparseVLM(Method):
     """SparseVLM (Zhang et al., ICML 2025): text-rater-guided pruning with token recycling, at a few layers.
 
@@ -104,8 +90,8 @@ class SparseVLM(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.layers = _check_ints("layers", self.layers, 0)
-        self.keep_tokens = _check_ints("keep_tokens", self.keep_tokens, 0)
+        set_field(self, "layers", check_ints("layers", self.layers, 0))
+        set_field(self, "keep_tokens", check_ints("keep_tokens", self.keep_tokens, 0))
         if not self.layers:
             raise ValueError("SparseVLM needs at least one stage (layers is empty)")
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
@@ -113,8 +99,8 @@ class SparseVLM(Method):
         if len(self.keep_tokens) != len(self.layers):
             raise ValueError(f"keep_tokens needs one count per layer: {len(self.layers)} layers, "
                              f"{len(self.keep_tokens)} counts")
-        self.recycle_ratio = check_ratio("recycle_ratio", self.recycle_ratio)
-        self.cluster_ratio = check_ratio("cluster_ratio", self.cluster_ratio)
+        set_field(self, "recycle_ratio", check_ratio("recycle_ratio", self.recycle_ratio))
+        set_field(self, "cluster_ratio", check_ratio("cluster_ratio", self.cluster_ratio))
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -135,23 +121,15 @@ class SparseVLM(Method):
         clusters = torch.where(recycled > 0, clusters.clamp(max=recycled), 0)
         return keep, recycled, clusters
 
-    def kept_after(self, n: int) -> list[int]:
-        """Vision tokens of an image of ``n`` patches after each stage (kept + recycled clusters)."""
+    def kept_after_each_stage(self, grids: tuple[tuple[int, int], ...]) -> list[int]:
+        """Vision tokens of the sample after each stage: every image keeps its own kept + recycled clusters."""
+        current = torch.tensor([h * w for h, w in grids])
         out = []
-        current = torch.tensor([n])
         for stage in range(len(self.layers)):
             keep, _, clusters = self.stage_counts(stage, current)
             current = keep + clusters
-            out.append(int(current[0]))
+            out.append(int(current.sum()))
         return out
-
-    def predict_kept_per_layer(self, num_layers: int, grid: "tuple[int, int] | int", num_images: int = 1
-                               ) -> list[int]:
-        """Vision tokens of one sample with ``num_images`` images of ``grid`` = (rows, cols) tokens (or a token
-        count) that each decoder layer sees; a stage after layer l acts from layer l + 1."""
-        n = grid if isinstance(grid, int) else grid[0] * grid[1]
-        counts = [n] + self.kept_after(n)
-        return [counts[sum(1 for s in self.layers if s < layer)] * num_images for layer in range(num_layers)]
 
     @classmethod
     def published(cls, tokens: int, **kwargs: Any) -> "SparseVLM":
@@ -171,7 +149,7 @@ class SparseVLM(Method):
         return cls(layers=layers, keep_tokens=keep, **kwargs)
 
     # -- the stage ----------------------------------------------------------------------------------------
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
+    def reduce(self, ctx: StageContext, stage: int) -> StageResult:
         hidden = ctx.hidden
         B, M, D = hidden.shape
         device = hidden.device
@@ -181,7 +159,7 @@ class SparseVLM(Method):
         counts = ctx.image_token_counts()  # (I,)
         n_keep, n_recycled, n_clusters = self.stage_counts(stage, counts)
         if not bool((n_keep < counts).any()):
-            return MergeResult(keep, hidden, destination)  # nothing to prune: no attention needed
+            return StageResult(keep, hidden, destination)  # nothing to prune: no attention needed
 
         candidates = ctx.token_valid & ~ctx.vision_mask & ctx.after_first_image()
         slots = torch.arange(M, device=device).expand(B, M)
@@ -192,7 +170,7 @@ class SparseVLM(Method):
         scores, _ = rater_scores(q, k, candidates, patches, ctx.token_valid, scaling)
 
         image = ctx.image_index.clamp(min=0)
-        rank = _rank_in_groups(ctx.image_index, -scores)  # 0 = highest score in its image
+        rank = rank_in_groups(ctx.image_index, -scores)  # 0 = highest score in its image
         kept = patches & (rank < n_keep[image])
         recycled = patches & ~kept & (rank < (n_keep + n_recycled)[image])
         centers = recycled & (rank < (n_keep + n_clusters)[image])
@@ -200,4 +178,25 @@ class SparseVLM(Method):
         keep = ~patches | kept | centers
 
         hidden = merge_into_nearest(hidden, ctx.image_index, centers, members, destination)
-        return MergeResult(keep, hidden, destination)
+        return StageResult(keep, hidden, destination)
+
+
+SPARSEVLM_REFERENCE = (_REFERENCE_LAYERS, 32)  # layers, depth (LLaVA-1.5-7B)
+
+
+def _sparsevlm_matcher(target: float, num_layers: int, grids: tuple[tuple[int, int], ...], **fields: Any
+                       ) -> Any:
+    """Published layers placed on the depth; the published 192-token keep profile (300, 200, 110 of 576)
+    scaled by one factor: ratio 0 keeps every token at every stage, ratio 1 keeps only recycled clusters.
+    Keep counts are per image, sized on the sample's largest image."""
+    layers_ref, depth = SPARSEVLM_REFERENCE
+    tokens = max(h * w for h, w in grids)
+    full_scale = _REFERENCE_TOKENS / SPARSEVLM_SETTINGS[192][-1]  # the smallest count reaches the whole image
+
+    def build(layers: tuple[int, ...], ratio: float) -> SparseVLM:
+        return SparseVLM.scaled(layers, tokens, (1.0 - ratio) * full_scale, **fields)
+
+    return search_schedule(build, layers_ref, depth, target, num_layers, grids=grids)
+
+
+register_method("sparsevlm", SparseVLM, matcher=_sparsevlm_matcher)

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
-
+from dataclasses import dataclass
 import torch
 
-from ..core import MergeResult, bipartite_merge, window_groups
-from .base import Method
-from .lightkv import LightKV
-
-if TYPE_CHECKING:
-    from ..engine import StageContext
+from ._matchers import window_merge_matcher
+from .base import StageContext, StageResult, WindowMergeMethod
+from .registry import register_method
 
 __all__ = ["ToMe"]
 
 SIZE_KEY = "tome_size"
 
 
-@dataclass
-class ToMe(Method):
+@dataclass(frozen=True)
+class ToMe(WindowMergeMethod):
     """Token merging at LightKV's stages, windows and ratios, prompt-agnostic.
 
     layers, windows, ratios, min_tokens_per_window: the schedule, exactly as in ``LightKV`` (same
@@ -33,39 +28,27 @@ class ToMe(Method):
         attention logits) is not applied: the decoder's attention runs unchanged.
     """
 
-    layers: Sequence[int] = (12, 18, 24)
-    windows: Sequence[int] = (4, 2, 1)
-    ratios: Sequence[float] = (0.5, 0.5, 0.5)
     min_tokens_per_window: int = 8
     size_weighted: bool = False
-    _schedule: LightKV = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.size_weighted, bool):
             raise TypeError(f"size_weighted must be True or False, got {self.size_weighted!r}")
-        self._schedule = LightKV(layers=self.layers, windows=self.windows, ratios=self.ratios, guidance="uniform",
-                                 min_tokens_per_window=self.min_tokens_per_window, positions=self.positions)
-        self.layers, self.windows, self.ratios = self._schedule.layers, self._schedule.windows, self._schedule.ratios
 
-    @property
-    def stage_layers(self) -> tuple[int, ...]:
-        return tuple(self.layers)
-
-    def as_lightkv(self) -> LightKV:
-        """The equal-weight schedule as a ``LightKV`` (used to predict kept counts)."""
-        return self._schedule
-
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
+    def merge_weights(self, ctx: StageContext, stage: int, groups: torch.Tensor) -> torch.Tensor | None:
         if not self.size_weighted:
-            return self._schedule.reduce(ctx, stage)
-        windows = self.windows[stage]
-        active = ctx.image_token_counts() >= self.min_tokens_per_window * windows * windows
-        groups = window_groups(ctx.image_index, ctx.grid_rows, ctx.grid_cols, ctx.grid_hw, windows, active)
+            return None
         sizes = ctx.token_state.get(SIZE_KEY)
         if sizes is None:
             sizes = torch.ones(ctx.hidden.shape[:2], dtype=torch.float32, device=ctx.hidden.device)
-        result = bipartite_merge(ctx.hidden, groups, sizes, self.ratios[stage])
-        absorbed = torch.where(result.keep, torch.zeros_like(sizes), sizes)
-        ctx.token_state[SIZE_KEY] = sizes.scatter_add(1, result.destination, absorbed)
-        return result
+        return sizes
+
+    def merged(self, ctx: StageContext, stage: int, result: StageResult, weights: torch.Tensor | None) -> None:
+        if weights is None:
+            return
+        absorbed = torch.where(result.keep, torch.zeros_like(weights), weights)
+        ctx.token_state[SIZE_KEY] = weights.scatter_add(1, result.destination, absorbed)
+
+
+register_method("tome", ToMe, matcher=window_merge_matcher(ToMe))

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core import MergeResult
-from .base import Method
-from .pruning import merge_into_nearest
+from ..budget import BudgetMatch
+from ._common import check_int, merge_into_nearest, rank_in_groups, set_field
+from .base import Method, StageContext, StageResult
+from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..engine import Handle, StageContext
+    from ..engine import Handle
 
 __all__ = ["VisionZip", "cls_attention", "VISIONZIP_SETTINGS"]
 
@@ -53,15 +54,7 @@ def cls_attention(cls_query: torch.Tensor, keys: torch.Tensor, num_heads: int, s
     return probs[:, :, 0, 1:].mean(dim=1)
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
-
-
-@dataclass
+@dataclass(frozen=True)
 class VisionZip(Method):
     """VisionZip (Yang et al., CVPR 2025): ``dominant`` + ``contextual`` vision tokens per image, before the LLM.
 
@@ -76,8 +69,8 @@ class VisionZip(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.dominant = _check_count("dominant", self.dominant)
-        self.contextual = _check_count("contextual", self.contextual)
+        set_field(self, "dominant", check_int("dominant", self.dominant, 0))
+        set_field(self, "contextual", check_int("contextual", self.contextual, 0))
         if self.dominant + self.contextual < 1:
             raise ValueError("VisionZip needs dominant + contextual >= 1 tokens per image, got "
                              f"{self.dominant} + {self.contextual}")
@@ -91,15 +84,12 @@ class VisionZip(Method):
         dominant, contextual = VISIONZIP_SETTINGS[tokens]
         return cls(dominant=dominant, contextual=contextual, **kwargs)
 
-    def predict_kept_per_layer(self, num_layers: int, grid: "tuple[int, int] | int", num_images: int = 1
-                               ) -> list[int]:
-        """Vision tokens of one sample with ``num_images`` images of ``grid`` = (rows, cols) tokens (or a token
-        count) that each decoder layer sees: the same in every layer."""
-        n = grid if isinstance(grid, int) else grid[0] * grid[1]
-        return [self.kept_after(n) * num_images] * num_layers
+    def kept_after_each_stage(self, grids: tuple[tuple[int, int], ...]) -> list[int]:
+        """Tokens of the sample after the one stage (before the decoder): each image keeps at most
+        dominant + contextual of its patches."""
+        return [sum(self._kept_of_image(h * w) for h, w in grids)]
 
-    def kept_after(self, n: int) -> int:
-        """Tokens left of an image of ``n`` patches."""
+    def _kept_of_image(self, n: int) -> int:
         if n <= self.dominant:
             return n
         return self.dominant + min(self.contextual, n - self.dominant)
@@ -169,14 +159,14 @@ class VisionZip(Method):
             tower.register_forward_hook(tower_post),
         ]
 
-    def reduce(self, ctx: "StageContext", stage: int) -> MergeResult:
+    def reduce(self, ctx: StageContext, stage: int) -> StageResult:
         hidden = ctx.hidden
         B, M, D = hidden.shape
         device = hidden.device
         patches = ctx.image_index >= 0  # (B, M)
         destination = torch.arange(M, device=device).expand(B, M).clone()
         if not bool(patches.any()):
-            return MergeResult(torch.ones_like(patches), hidden, destination)
+            return StageResult(torch.ones_like(patches), hidden, destination)
         scores = ctx.method_state.get(_SCORES)  # (I, P)
         if scores is None:
             raise RuntimeError("VisionZip: no CLS attention for these images: the vision encoder ran before "
@@ -191,13 +181,13 @@ class VisionZip(Method):
         image = ctx.image_index.clamp(min=0)
         patch = ctx.grid_rows * ctx.grid_hw[image, 1] + ctx.grid_cols  # raster index = encoder patch order
         token_score = scores[image, patch]
-        dominant = patches & (_rank_in_groups(ctx.image_index, -token_score) < self.dominant)
+        dominant = patches & (rank_in_groups(ctx.image_index, -token_score) < self.dominant)
         remaining = patches & ~dominant
 
         # contextual targets: every step-th remaining patch of an image, in sequence (= raster) order
         n_remaining = torch.bincount(ctx.image_index[remaining], minlength=num_images)  # (I,)
         step = torch.div(n_remaining, max(self.contextual, 1), rounding_mode="floor").clamp(min=1)[image]
-        inner = _rank_in_groups(torch.where(remaining, ctx.image_index, -1), torch.zeros_like(token_score))
+        inner = rank_in_groups(torch.where(remaining, ctx.image_index, -1), torch.zeros_like(token_score))
         targets = remaining & (inner % step == 0) & (torch.div(inner, step, rounding_mode="floor") < self.contextual)
         merged = remaining & ~targets
         keep = ~patches | dominant | targets
@@ -205,22 +195,21 @@ class VisionZip(Method):
         if self.contextual > 0:  # contextual = 0: the other patches are just dropped
             # each target becomes the plain average of itself and the patches assigned to it
             hidden = merge_into_nearest(hidden, ctx.image_index, targets, merged, destination)
-        return MergeResult(keep, hidden, destination)
+        return StageResult(keep, hidden, destination)
 
 
-def _rank_in_groups(groups: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """(B, M) rank of each token inside its group by ascending ``key`` (ties: earlier row, then slot).
 
-    groups: (B, M) long group ids, -1 = no group (those get arbitrary ranks). key: (B, M) float.
-    """
-    flat_groups = groups.reshape(-1)
-    order = torch.argsort(key.reshape(-1), stable=True)
-    order = order[torch.argsort(flat_groups[order], stable=True)]  # by group, then key, then position
-    sorted_groups = flat_groups[order]
-    is_start = torch.ones_like(sorted_groups, dtype=torch.bool)
-    is_start[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    positions = torch.arange(order.numel(), device=order.device)
-    start = torch.cummax(torch.where(is_start, positions, 0), dim=0).values
-    rank = torch.empty_like(order)
-    rank[order] = positions - start
-    return rank.view_as(groups)
+def _visionzip_matcher(target: float, num_layers: int, grids: tuple[tuple[int, int], ...], **fields: Any
+                       ) -> Any:
+    """Every layer sees the same round(target * tokens) tokens per image (tokens of the sample's largest
+    image), split between dominant and contextual in the published 54:10 proportion."""
+    tokens = max(h * w for h, w in grids)
+    total = min(tokens, max(1, round(target * tokens)))
+    contextual = round(total * 10 / 64)
+    method = VisionZip(dominant=total - contextual, contextual=contextual, **fields)
+    kept = method.kept_per_layer(num_layers, grids)
+    # layer 0 already sees the reduced set, so the reference is the prompt's tokens
+    return BudgetMatch(method, sum(kept) / (num_layers * sum(h * w for h, w in grids)), kept, target)
+
+
+register_method("visionzip", VisionZip, matcher=_visionzip_matcher)
