@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..budget import predict_kept_per_layer
-from ..methods import LightKV, Method
+from ..methods import Method, WindowMergeMethod
 from .flops import FlopsReport, prefill_flops, window_sizes
 from .specs import ModelSpec, TextDims, VisionDims
 
@@ -74,27 +73,21 @@ def kv_bytes_per_token(t: TextDims, dtype_bytes: int) -> int:
     return 2 * t.kv_heads * t.head_dim * dtype_bytes
 
 
-def _as_lightkv(method: Method | None) -> LightKV | None:
-    if isinstance(method, LightKV):
-        return method
-    as_lightkv = getattr(method, "as_lightkv", None)  # ToMe shares LightKV's schedule and merge
-    return as_lightkv() if callable(as_lightkv) else None
-
-
 def predicted_vision_counts(method: Method | None, depth: int, grid: tuple[int, int], images: int) -> list[int] | None:
     """Vision tokens per layer of one sample, predicted from the schedule; None when the method gives no
     prediction (then measure it)."""
-    if method is None:
+    if method is None or images == 0:
         return [grid[0] * grid[1] * images] * depth
     try:
-        return predict_kept_per_layer(method, depth, grid, images)
-    except TypeError:  # a method that predicts nothing: measure it
+        return method.kept_per_layer(depth, [grid] * images)
+    except NotImplementedError:  # a method that predicts nothing: measure it
         return None
 
 
 def lightkv_stages(method: Method | None, t: TextDims, grid: tuple[int, int], tokens: Sequence[int],
                    vision: Sequence[int], images: int, text_after: int) -> list[dict] | None:
-    """``stage_flops`` keyword dicts of one sample; [] for no method, None when the method is not LightKV-like.
+    """``stage_flops`` keyword dicts of one sample; [] for no method, None when the method is not a windowed
+    merge (LightKV, ToMe: ``WindowMergeMethod``).
 
     tokens / vision: that sample's real / vision tokens per layer. Images of a sample share the vision tokens
     equally (same-size images keep the same counts under nested windows). text_after: non-vision tokens after
@@ -102,9 +95,10 @@ def lightkv_stages(method: Method | None, t: TextDims, grid: tuple[int, int], to
     """
     if method is None:
         return []
-    schedule = _as_lightkv(method)
-    if schedule is None:
+    if not isinstance(method, WindowMergeMethod):
         return None
+    schedule = method
+    guidance = getattr(method, "guidance", "uniform")  # ToMe merges with equal weights or sizes: no attention
     out = []
     for layer, windows in zip(schedule.layers, schedule.windows):
         if layer >= len(tokens) or images == 0:
@@ -114,7 +108,7 @@ def lightkv_stages(method: Method | None, t: TextDims, grid: tuple[int, int], to
             continue  # the stage is skipped for these images (reference rule)
         counts = window_sizes(grid, windows, per_image) * images
         out.append(dict(tokens=tokens[layer], prompt_tokens=tokens[layer] - vision[layer], window_counts=counts,
-                        guidance=schedule.guidance, text_queries=text_after))
+                        guidance=guidance, text_queries=text_after))
     return out
 
 
