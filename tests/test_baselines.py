@@ -1,14 +1,13 @@
 """The baselines (Random, ToMe, FastV, PDrop, DART) on tiny random LLaVA models, and matched budgets."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import lightkv
 from lightkv.budget import place_layers
-from lightkv.engine import _destination_of_dropped
+from lightkv.engine.handle import _destination_of_dropped
 from lightkv.methods.tome import SIZE_KEY
 from lightkv.testing import batch_prompts, tiny_llava
 
@@ -63,7 +62,7 @@ def test_kept_counts_and_predicted_fraction(model, name):
     assert stats.vision_tokens == [expected]
     n_text = len(TEXT_BEFORE) + len(TEXT_AFTER)
     assert [layer.keys.shape[2] for layer in out.cache.layers] == [n_text + v for v in expected]
-    assert lightkv.predict_kept_per_layer(method, N_LAYERS, (GRID, GRID)) == expected
+    assert method.kept_per_layer(N_LAYERS, [(GRID, GRID)]) == expected
     assert stats.mean_retained_fraction == pytest.approx(sum(expected) / (N_LAYERS * NV))
     # one entry per stage; every kept position is an image token of the prompt
     assert [len(kept) for kept in stats.kept_positions[0]] == METHODS[name][2]
@@ -93,7 +92,7 @@ def test_budget_on_llava_7b_depth():
             match = lightkv.match_budget(name, target, 32, 576)
             assert match.method.layer == 2  # the published K reaches these targets
             assert abs(match.retained_fraction - target) <= 29 / (32 * 576) / 2 + 1e-12
-            kept = match.method.kept_after(576)[0]
+            kept = match.method.kept_after_each_stage(((24, 24),))[0]
             assert match.retained_fraction == pytest.approx((3 * 576 + 29 * kept) / (32 * 576))
         pdrop = lightkv.match_budget("pdrop", target, 32, 576)
         assert abs(pdrop.retained_fraction - target) < 2e-3
@@ -103,8 +102,7 @@ def test_budget_on_llava_7b_depth():
     assert match.method.layers[0] < 12 and match.method.windows == (4, 2, 1)
     assert match.method.guidance == "text_to_vision"
     assert abs(match.retained_fraction - 0.55) < 0.01
-    predicted = lightkv.predict_retained_fraction(match.method, 32, 576)
-    assert match.retained_fraction == predicted["retained_fraction"]
+    assert match.retained_fraction == lightkv.retained_fraction(match.method, 32, [(24, 24)])
     assert lightkv.match_budget("lightkv", 0.6, 32, 576).method.layers == (12, 18, 24)
     # a target beyond reach gives the closest configuration: everything dropped after layer 0
     low = lightkv.match_budget("fastv", 0.01, 32, 576)
@@ -130,10 +128,11 @@ def test_budget_registry_and_bad_input():
     with pytest.raises(ValueError, match="square"):
         lightkv.match_budget("fastv", 0.5, 32, 300)
     from lightkv import budget
+    from lightkv.methods.registry import unregister_method
 
     def fake(target, num_layers, grid, num_images, **kwargs):
         method = lightkv.FastV(layer=0, ratio=1 - target)
-        kept = lightkv.predict_kept_per_layer(method, num_layers, grid, num_images)
+        kept = method.kept_per_layer(num_layers, [grid] * num_images)
         return lightkv.BudgetMatch(method, sum(kept) / (num_layers * kept[0]), kept, target)
 
     lightkv.register_budget("test_only", fake)
@@ -141,7 +140,8 @@ def test_budget_registry_and_bad_input():
         assert "test_only" in budget.budget_methods()
         assert lightkv.match_budget("test_only", 0.5, 2, (4, 6)).kept_per_layer == [24, 12]
     finally:
-        del budget._MATCHERS["test_only"]
+        unregister_method("test_only")
+    assert "test_only" not in budget.budget_methods()
 
 
 # -- which tokens are kept ----------------------------------------------------------------------------------------
@@ -221,15 +221,19 @@ def test_random_is_seeded_per_sample(eager_model):
 
 
 def fake_context(hidden, grid, sizes=None):
-    """A StageContext stand-in: one row, one image of grid x grid patches, nothing else."""
+    """A StageContext of one row holding one image of grid x grid patches and nothing else."""
     B, M, _ = hidden.shape
     index = torch.arange(M)
-    ctx = SimpleNamespace(hidden=hidden, image_index=torch.zeros(B, M, dtype=torch.long),
-                          grid_rows=(index // grid)[None], grid_cols=(index % grid)[None],
-                          grid_hw=torch.tensor([[grid, grid]]), token_valid=torch.ones(B, M, dtype=torch.bool),
-                          token_state={} if sizes is None else {SIZE_KEY: sizes})
-    ctx.image_token_counts = lambda: torch.tensor([M])
-    return ctx
+    ones = torch.ones(B, M, dtype=torch.bool)
+
+    def no_attention():
+        raise AssertionError("this stage must not read attention")
+
+    return lightkv.StageContext(
+        layer_index=0, hidden=hidden, token_valid=ones, vision_mask=ones,
+        image_index=torch.zeros(B, M, dtype=torch.long), grid_rows=(index // grid)[None],
+        grid_cols=(index % grid)[None], grid_hw=torch.tensor([[grid, grid]]), input_positions=index[None],
+        token_state={} if sizes is None else {SIZE_KEY: sizes}, method_state={}, attention_fn=no_attention)
 
 
 def test_tome_size_weighted_merge_formula():

@@ -67,7 +67,7 @@ def test_kept_counts_per_layer(model, name):
     assert [layer.keys.shape[2] for layer in out.cache.layers] == [n_text + v for v in expected]
     assert stats.mean_retained_fraction == pytest.approx(sum(expected) / (N_LAYERS * 256))
     assert stats.uncompressed_vision_kv_bytes[0] == 256 * 2 * 2 * 16 * 4  # the prompt's 256 tokens, fp32
-    assert lightkv.predict_kept_per_layer(method, N_LAYERS, (GRID, GRID)) == expected
+    assert method.kept_per_layer(N_LAYERS, [(GRID, GRID)]) == expected
     assert [len(kept) for kept in stats.kept_positions[0]] == after
     assert all(set(kept) <= set(VISION) for kept in stats.kept_positions[0])
     # logits keep the input's full length
@@ -79,7 +79,7 @@ def test_counts_are_per_image(eager_model, name):
     method, expected = METHODS[name][0](), METHODS[name][1]
     _, stats = run(eager_model, method, mixed_prompts(eager_model)[1])  # two images
     assert stats.vision_tokens == [[2 * v for v in expected]]
-    assert lightkv.predict_kept_per_layer(method, N_LAYERS, (GRID, GRID), num_images=2) == stats.vision_tokens[0]
+    assert method.kept_per_layer(N_LAYERS, [(GRID, GRID)] * 2) == stats.vision_tokens[0]
 
 
 def test_small_images_and_counts_edge_cases(eager_model):
@@ -96,7 +96,7 @@ def test_small_images_and_counts_edge_cases(eager_model):
     assert stats.vision_tokens == [[256] * N_LAYERS]
     _, stats = run(eager_model, lightkv.SparseVLM(layers=[1], keep_tokens=[64], recycle_ratio=0.0), inputs)
     assert stats.vision_tokens == [[256, 256, 64, 64]]
-    assert lightkv.SparseVLM(layers=[1], keep_tokens=[64], recycle_ratio=0.0).kept_after(256) == [64]
+    assert lightkv.SparseVLM(layers=[1], keep_tokens=[64], recycle_ratio=0.0).kept_after_each_stage(((16, 16),)) == [64]
 
 
 # -- which tokens are kept ----------------------------------------------------------------------------------------
@@ -376,11 +376,11 @@ def test_published_settings():
     assert lightkv.VisionZip() == lightkv.VisionZip.published(192)
     for tokens in (64, 128, 192):
         method = lightkv.VisionZip.published(tokens)
-        assert method.predict_kept_per_layer(32, 576) == [tokens] * 32
+        assert method.kept_per_layer(32, [(24, 24)]) == [tokens] * 32
     with pytest.raises(ValueError, match="64, 128, 192"):
         lightkv.VisionZip.published(100)
     # the published SparseVLM 192 schedule on LLaVA-1.5-7B: layers 0-2 see 576, then 300 + 27, 200 + 13, 110 + 10
-    assert lightkv.SparseVLM().predict_kept_per_layer(32, 576) == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
+    assert lightkv.SparseVLM().kept_per_layer(32, [(24, 24)]) == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
 
 
 # -- matched budgets ----------------------------------------------------------------------------------------------
