@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["VisionLayout", "Adapter"]
+__all__ = ["VisionLayout", "Adapter", "is_instance_of"]
 
 
 @dataclass
@@ -34,22 +34,59 @@ class VisionLayout:
         return int(self.grid_hw.shape[0])
 
 
+def is_instance_of(obj: Any, class_names: str | tuple[str, ...]) -> bool:
+    """``isinstance`` by class name: whether ``obj``'s class or any of its bases is named in ``class_names``.
+
+    By name, so that an adapter needs no transformers import to describe its classes, and so that a user's
+    subclass of a supported class (``class MyLlava(LlavaForConditionalGeneration)``) counts as that class.
+    """
+    names = (class_names,) if isinstance(class_names, str) else class_names
+    return any(klass.__name__ in names for klass in type(obj).__mro__)
+
+
 class Adapter:
     """Model-family knowledge: where the decoder is, where the image tokens are, how attention is computed.
 
-    Subclasses set ``family`` and ``model_classes`` and implement ``vision_layout``; the Llama-style defaults
-    below (``self_attn.q_proj``/``k_proj``, the modeling module's ``apply_rotary_pos_emb``) suit most decoders.
+    Subclasses set ``family``, ``model_classes`` (transformers class names; subclasses of them match too) and
+    ``model_types`` (``config.model_type`` values, for code that holds only a config), and implement
+    ``entry_module``, ``language_model`` and ``vision_layout`` (and ``image_grid`` when the family's token grid
+    follows from its config); the Llama-style defaults below (``self_attn.q_proj``/``k_proj``, the modeling
+    module's ``apply_rotary_pos_emb``) suit most decoders. ``lightkv.register_adapter`` makes a subclass
+    available to ``lightkv.apply``.
     """
 
     family: str = ""
     model_classes: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in cls.model_classes
+        """Whether this adapter fits ``model``: an instance of one of ``model_classes`` (or of a subclass)."""
+        return is_instance_of(model, cls.model_classes)
+
+    @classmethod
+    def matches_config(cls, config: Any) -> bool:
+        """Whether this adapter fits models built from ``config`` (by ``config.model_type``)."""
+        return getattr(config, "model_type", None) in cls.model_types
+
+    # -- image token grid ------------------------------------------------------------------------------------
+    @classmethod
+    def image_grid(cls, config: Any, max_pixels: int | None = None) -> tuple[int, int] | None:
+        """(rows, cols) token grid of one image as the decoder sees it, from the model's config alone.
+
+        Fixed-resolution families read it from the vision config; families whose grid follows the image size
+        give the grid of the largest square image of ``max_pixels`` pixels (None without it). None when the
+        config does not tell. What budget matching and the analytic cost model plan for; the layout of an
+        actual prompt comes from ``vision_layout``.
+        """
+        return None
+
+    def default_grid(self, max_pixels: int | None = None) -> tuple[int, int] | None:
+        """``image_grid`` of this model's config."""
+        return self.image_grid(self.model.config, max_pixels)
 
     # -- structure -------------------------------------------------------------------------------------------
     @property

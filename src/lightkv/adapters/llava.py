@@ -1,11 +1,17 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration`` / ``LlavaModel``): one square patch grid per image."""
+"""LLaVA-1.5 (``LlavaForConditionalGeneration`` / ``LlavaModel``): one square patch grid per image.
+
+Image tokens are image tokens only when features come with them: ``pixel_values``, or the features
+``generate`` encodes before the prefill (``mm_encoder_outputs["image"]``, with ``pixel_values`` dropped). Without
+either, the model embeds the image token id like any other token (a prompt that spells it as text, a decode step
+that generated it), and so does the adapter: plain text.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout
+from .base import Adapter, VisionLayout, is_instance_of
 
 __all__ = ["LlavaAdapter"]
 
@@ -13,10 +19,12 @@ __all__ = ["LlavaAdapter"]
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    model_types = ("llava",)
 
     @property
     def entry_module(self) -> nn.Module:
-        return self.model.model if type(self.model).__name__ == "LlavaForConditionalGeneration" else self.model
+        head = is_instance_of(self.model, "LlavaForConditionalGeneration")
+        return self.model.model if head else self.model
 
     @property
     def language_model(self) -> nn.Module:
@@ -28,10 +36,14 @@ class LlavaAdapter(Adapter):
     def vision_feature_layer(self) -> int | list[int] | None:
         return self.model.config.vision_feature_layer
 
-    def grid_size(self) -> tuple[int, int]:
-        vision = self.model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return side, side
+    @classmethod
+    def image_grid(cls, config, max_pixels: int | None = None) -> tuple[int, int] | None:
+        """Fixed resolution: (image_size / patch_size) per side, whatever ``max_pixels`` says."""
+        vision = getattr(config, "vision_config", None)
+        size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+        if not (isinstance(size, int) and isinstance(patch, int)):
+            return None
+        return size // patch, size // patch
 
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
@@ -45,9 +57,16 @@ class LlavaAdapter(Adapter):
             image_tokens = (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
         if not bool(image_tokens.any()):
             return None
+        encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if call_kwargs.get("pixel_values") is None and encoded is None:
+            return None  # no features come with these ids: the model embeds them as text, so do we
 
         strategy = call_kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-        grid_h, grid_w = self.grid_size()
+        grid = self.default_grid()
+        if grid is None:
+            raise ValueError(f"lightkv: cannot tell the image token grid of {type(self.model).__name__} from its "
+                             "vision config (image_size, patch_size)")
+        grid_h, grid_w = grid
         has_cls = strategy == "full" and self.has_cls_token()  # "full" keeps every encoder token, a CLS if any
         per_image = grid_h * grid_w + int(has_cls)
 

@@ -27,11 +27,12 @@ sequence before that: ``apply`` raises ValueError for a stage at a layer < K (st
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout
+from .base import Adapter, VisionLayout, is_instance_of
 
 __all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter"]
 
@@ -43,7 +44,20 @@ class _QwenVLAdapter(Adapter):
 
     @property
     def entry_module(self) -> nn.Module:
-        return self.model.model if type(self.model).__name__.endswith("ForConditionalGeneration") else self.model
+        head = is_instance_of(self.model, self.model_classes[0])  # the class with the LM head, holding ``.model``
+        return self.model.model if head else self.model
+
+    @classmethod
+    def image_grid(cls, config, max_pixels: int | None = None) -> tuple[int, int] | None:
+        """The grid follows the image: a square image of ``max_pixels`` pixels is cut into patches of
+        ``patch_size`` px, merged ``spatial_merge_size`` x ``spatial_merge_size`` into one token; None without
+        ``max_pixels``."""
+        vision = getattr(config, "vision_config", None)
+        patch, merge = getattr(vision, "patch_size", None), getattr(vision, "spatial_merge_size", None)
+        if not (max_pixels and isinstance(patch, int) and isinstance(merge, int)):
+            return None
+        side = math.isqrt(int(max_pixels)) // (patch * merge)
+        return (side, side) if side > 0 else None
 
     @property
     def language_model(self) -> nn.Module:
@@ -191,16 +205,19 @@ def _grids_from_positions(tokens: torch.Tensor, positions: torch.Tensor, name: s
 class Qwen2VLAdapter(_QwenVLAdapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
+    model_types = ("qwen2_vl",)
 
 
 class Qwen2_5_VLAdapter(_QwenVLAdapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+    model_types = ("qwen2_5_vl",)
 
 
 class Qwen3VLAdapter(_QwenVLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
+    model_types = ("qwen3_vl",)
 
     def deepstack_layers(self) -> int:
         """K: decoder layers 0..K-1 get deepstack vision features added to their output."""
