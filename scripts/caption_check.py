@@ -1,6 +1,6 @@
 """Which attributes does a bundled model see? Greedy captions ("describe the image") against the truth.
 
-    python scripts/caption_check.py --model models/tiny-llava-shapes --images 40
+    python scripts/caption_check.py --model src/lightkv/models/tiny-llava-shapes --images 40
 
 Prints a few captions, the share of exactly right captions, and the accuracy of each word slot
 (size, color, shape, quadrant) over objects of captions with the right object count.
@@ -18,7 +18,7 @@ from lightkv.evaluation.shapes import describe, make_split
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="models/tiny-llava-shapes")
+    ap.add_argument("--model", default="src/lightkv/models/tiny-llava-shapes")
     ap.add_argument("--images", type=int, default=40)
     ap.add_argument("--show", type=int, default=4)
     args = ap.parse_args()

@@ -12,9 +12,9 @@ if [ "$WHICH" = all ] || [ "$WHICH" = llava ]; then
   rm -f docs/results/demo-1000/*.png  # the tables only: the pictures are those of docs/results/demo
   $LIGHTKV compare --out docs/results/compare --per-family 100 --budgets 0.55,0.35,0.20
   $PY scripts/ablations.py --out docs/results/ablations --per-family 100
-  $PY scripts/plot_training.py models/tiny-llava-shapes/training_log.json docs/results/training.png
+  $PY scripts/plot_training.py src/lightkv/models/tiny-llava-shapes/training_log.json docs/results/training.png
 fi
-Q=models/tiny-qwen2.5-vl-shapes
+Q=src/lightkv/models/tiny-qwen2.5-vl-shapes
 if { [ "$WHICH" = all ] && [ -f $Q/config.json ]; } || [ "$WHICH" = qwen ]; then
   $LIGHTKV demo --model qwen --out docs/results/qwen/demo --per-family 100
   $LIGHTKV demo --model qwen --out docs/results/qwen/demo-1000 --per-family 200

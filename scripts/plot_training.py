@@ -1,6 +1,6 @@
 """Plot the bundled model's training curve from its training_log.json.
 
-    python scripts/plot_training.py models/tiny-llava-shapes/training_log.json docs/results/training.png
+    python scripts/plot_training.py src/lightkv/models/tiny-llava-shapes/training_log.json docs/results/training.png
 """
 
 import json

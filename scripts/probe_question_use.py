@@ -1,6 +1,6 @@
 """Does a bundled model read the question's object words, or answer from the image and priors alone?
 
-    python scripts/probe_question_use.py --model models/tiny-llava-shapes
+    python scripts/probe_question_use.py --model src/lightkv/models/tiny-llava-shapes
 
 Prints (1) accuracy per family split by the number of objects in the scene (val split): a model that never looks
 up the named object gets location right about 1/n of the time with n objects; (2) how much the answer
@@ -35,7 +35,7 @@ def last_logits(model, processor, texts, images):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="models/tiny-llava-shapes", help="a bundled model folder")
+    ap.add_argument("--model", default="src/lightkv/models/tiny-llava-shapes", help="a bundled model folder")
     ap.add_argument("--images", type=int, default=400)
     args = ap.parse_args()
     model, processor = load_model(args.model)

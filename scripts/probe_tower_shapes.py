@@ -7,7 +7,7 @@ tower; two linear probes are fitted on 3/4 of them and scored on the rest:
 - per object: the shape from the mean of the object's tokens as the decoder reads them (the projector's /
   merger's output), the information an answer about the object can draw on.
 
-    python scripts/probe_tower_shapes.py models/tiny-llava-shapes models/tiny-qwen2.5-vl-shapes
+    python scripts/probe_tower_shapes.py src/lightkv/models/tiny-llava-shapes src/lightkv/models/tiny-qwen2.5-vl-shapes
 
 Used to find why the first Qwen2.5-VL-architecture model (2 px patches merged 2 x 2) named shapes worse than the
 LLaVA model (docs/results/training-sweep/README.md).

@@ -1,6 +1,6 @@
 """Store a model folder's safetensors weights in bfloat16 (half the bytes), keeping config.json's float32 dtype.
 
-    python scripts/store_bf16.py models/tiny-qwen2.5-vl-shapes
+    python scripts/store_bf16.py src/lightkv/models/tiny-qwen2.5-vl-shapes
 
 ``from_pretrained`` then loads the weights as float32 (the config's dtype), so the model computes as it was
 trained, on weights rounded to bfloat16; every accuracy reported for a model stored this way is measured on the

@@ -1,7 +1,7 @@
 """Train a bundled model from scratch on the procedural shapes QA set (seeded; CPU by default).
 
-    python scripts/train_tiny_llava.py --arch llava --out models/tiny-llava-shapes
-    python scripts/train_tiny_llava.py --arch qwen2.5-vl --out models/tiny-qwen2.5-vl-shapes
+    python scripts/train_tiny_llava.py --arch llava --out src/lightkv/models/tiny-llava-shapes
+    python scripts/train_tiny_llava.py --arch qwen2.5-vl --out src/lightkv/models/tiny-qwen2.5-vl-shapes
 
 --arch llava: transformers LlavaForConditionalGeneration (CLIP tower, projector, Llama decoder);
 --arch qwen2.5-vl: Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL tower with window attention and 2x2 patch
@@ -397,7 +397,7 @@ def quick_eval(model, arch: Arch, items, device, batch_size=50):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="llava", choices=["llava", "qwen2.5-vl"])
-    ap.add_argument("--out", default=None, help="default: models/tiny-<arch>-shapes")
+    ap.add_argument("--out", default=None, help="default: src/lightkv/models/tiny-<arch>-shapes")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-qas", type=int, default=10)
@@ -443,7 +443,7 @@ def main():
     ap.add_argument("--aux-balance", action="store_true",
                     help="auxiliary loss: object and background patches weigh half each (objects cover ~10%%)")
     args = ap.parse_args()
-    out = Path(args.out or f"models/tiny-{args.arch}-shapes")
+    out = Path(args.out or f"src/lightkv/models/tiny-{args.arch}-shapes")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

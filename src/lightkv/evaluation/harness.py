@@ -16,14 +16,16 @@ from typing import Any
 
 import torch
 
+from ..adapters import get_adapter
+from ..bundled import BUNDLED_MODEL
 from ..engine import apply
 from ..methods import Method
 from .shapes import CHANCE, FAMILIES, Question, Scene
 from .shapes import IMAGE_SIZE
-from .tiny_model import BUNDLED_MODEL, QwenShapesProcessor, format_prompt, format_qwen_prompt
+from .tiny_model import QwenShapesProcessor, format_prompt, format_qwen_prompt
 
 __all__ = ["load_model", "question_set", "Result", "evaluate", "write_results", "markdown_table", "analytic_flops",
-           "prompt_for", "vision_grid_side", "model_label"]
+           "prompt_for", "vision_grid", "vision_grid_side", "model_label"]
 
 
 def load_model(path: str | Path = BUNDLED_MODEL, attn_implementation: str = "sdpa"):
@@ -60,12 +62,18 @@ def model_label(model) -> str:
                                                                        model.config.model_type)
 
 
+def vision_grid(model) -> tuple[int, int]:
+    """(rows, cols) vision tokens of a shapes image (IMAGE_SIZE px square) in the decoder: the model's adapter
+    says (``Adapter.default_grid``)."""
+    grid = get_adapter(model).default_grid(max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+    if grid is None:
+        raise ValueError(f"cannot tell the image token grid of {type(model).__name__} from its config")
+    return grid
+
+
 def vision_grid_side(model) -> int:
-    """Vision tokens per side of a shapes image in the decoder."""
-    v = model.config.vision_config
-    if model.config.model_type == "qwen2_5_vl":
-        return IMAGE_SIZE // (v.patch_size * v.spatial_merge_size)
-    return v.image_size // v.patch_size
+    """Vision tokens per side of a shapes image in the decoder (the image is square, so is its grid)."""
+    return vision_grid(model)[0]
 
 
 def question_set(num_per_family: int = 100, split: str = "test") -> list[tuple[Scene, Question]]:
@@ -100,10 +108,9 @@ def analytic_flops(model):
     from ..perf.analytic import profile_from_stats
     from ..perf.specs import dims_from_config
 
-    family = "qwen2_5_vl" if model.config.model_type == "qwen2_5_vl" else "llava"
-    dims = dims_from_config(model.config, family, image_px=IMAGE_SIZE)
-    side = vision_grid_side(model)
-    spec = SimpleNamespace(dims=lambda depth=None: dims, grid=lambda: (side, side))  # what profile_from_stats reads
+    dims = dims_from_config(model.config, get_adapter(model).family, image_px=IMAGE_SIZE)
+    grid = vision_grid(model)
+    spec = SimpleNamespace(dims=lambda depth=None: dims, grid=lambda: grid)  # what profile_from_stats reads
     image_token = model.config.image_token_id
 
     def flops_fn(method, stats, inputs):

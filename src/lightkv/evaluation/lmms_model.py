@@ -84,18 +84,14 @@ def _parse_grid(grid: Any) -> tuple[int, int] | None:
 
 
 def _config_grid(config: Any, max_pixels: int | None = None) -> tuple[int, int] | None:
-    """Token grid of one image for budget matching: fixed-resolution models (LLaVA-1.5) from the config; models
-    whose grid follows the image (Qwen2-VL family) from ``max_pixels``, the largest image the processor makes
-    (benchmark images are mostly larger, so they come out near it); None otherwise."""
-    vision = getattr(config, "vision_config", None)
-    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
-    if getattr(config, "model_type", None) == "llava" and isinstance(size, int) and isinstance(patch, int):
-        return size // patch, size // patch
-    merge = getattr(vision, "spatial_merge_size", None)
-    if max_pixels and isinstance(patch, int) and isinstance(merge, int):
-        side = math.isqrt(int(max_pixels)) // (patch * merge)
-        return (side, side) if side > 0 else None
-    return None
+    """Token grid of one image for budget matching, as the family's adapter tells it (``Adapter.image_grid``):
+    fixed-resolution models (LLaVA-1.5) from the config; models whose grid follows the image (Qwen2-VL family)
+    from ``max_pixels``, the largest image the processor makes (benchmark images are mostly larger, so they come
+    out near it); None otherwise (no adapter for the family, or no ``max_pixels``)."""
+    from ..adapters import adapter_class_for_config
+
+    adapter_cls = adapter_class_for_config(config)
+    return None if adapter_cls is None else adapter_cls.image_grid(config, max_pixels)
 
 
 def _size_dict(size: Any) -> dict:

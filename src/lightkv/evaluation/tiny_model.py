@@ -8,8 +8,7 @@ grouped-query attention) and a ``LlavaProcessor`` (word-level tokenizer, CLIP im
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..bundled import BUNDLED_MODEL, BUNDLED_QWEN_MODEL  # re-exported: the paths live in lightkv.bundled
 from .shapes import IMAGE_SIZE, vocabulary
 
 __all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "PATCH_SIZE", "build_processor", "build_config", "BUNDLED_MODEL",
@@ -26,7 +25,6 @@ CHAT_TEMPLATE = (
     "{% else %}{% for item in message['content'] %}{{ ' ' + item['text'] }}{% endfor %}{{ ' </s>' }}{% endif %}"
     "{% endfor %}"
 )
-BUNDLED_MODEL = Path(__file__).resolve().parents[3] / "models" / "tiny-llava-shapes"
 
 
 def format_prompt(question: str) -> str:
@@ -96,7 +94,6 @@ QWEN_CHAT_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ ' ' + item['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ ' <|im_end|> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|> assistant' }}{% endif %}"
 )
-BUNDLED_QWEN_MODEL = BUNDLED_MODEL.parent / "tiny-qwen2.5-vl-shapes"
 
 
 def format_qwen_prompt(question: str) -> str:

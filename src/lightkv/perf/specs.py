@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TextDims", "VisionDims", "ModelSpec", "SPECS", "get_spec", "scale_layers", "scaled_schedule"]
+__all__ = ["TextDims", "VisionDims", "ModelSpec", "SPECS", "get_spec", "scale_layers", "scaled_schedule",
+           "config_grid", "dims_from_config"]
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,9 @@ class ModelSpec:
         return dims_from_config(self.config(num_layers), self.family)
 
     def grid(self) -> tuple[int, int]:
-        """Token grid of one image as the decoder sees it."""
-        vision = self.config().vision_config
-        if self.family == "qwen2_5_vl":
-            side = QWEN_IMAGE_PX // vision.patch_size // vision.spatial_merge_size
-            return side, side
-        side = vision.image_size // vision.patch_size
-        return side, side
+        """Token grid of one image as the decoder sees it: the family adapter's ``image_grid`` of the config
+        (dynamic-resolution families: of the reference image, QWEN_IMAGE_PX square)."""
+        return config_grid(self.config(), QWEN_IMAGE_PX * QWEN_IMAGE_PX)
 
     def reference_schedule(self, depth: int | None = None) -> dict:
         return scaled_schedule(self, depth)
@@ -191,6 +188,21 @@ class ModelSpec:
             model = LlavaForConditionalGeneration._from_config(config, dtype=dtype,
                                                                attn_implementation=attn_implementation)
         return model.eval()
+
+
+def config_grid(config: Any, max_pixels: int | None = None) -> tuple[int, int]:
+    """The adapter's ``image_grid`` for ``config``; ValueError when no adapter knows the family or the grid."""
+    from ..adapters import SUPPORTED_FAMILIES, adapter_class_for_config
+
+    adapter_cls = adapter_class_for_config(config)
+    if adapter_cls is None:
+        raise ValueError(f"no lightkv adapter for model_type {getattr(config, 'model_type', None)!r}; supported "
+                         f"families: {', '.join(SUPPORTED_FAMILIES)}")
+    grid = adapter_cls.image_grid(config, max_pixels)
+    if grid is None:
+        raise ValueError(f"the {adapter_cls.family} adapter cannot tell the image token grid from this config"
+                         + ("" if max_pixels else " without max_pixels"))
+    return grid
 
 
 def dims_from_config(config: Any, family: str, image_px: int | None = None) -> tuple[TextDims, VisionDims]:
@@ -280,11 +292,9 @@ SPECS: dict[str, ModelSpec] = {
 
 
 def _bundled_model_path() -> str | None:
-    try:
-        from ..evaluation.tiny_model import BUNDLED_MODEL  # written by the evaluation package when present
-    except ImportError:
-        return None
-    return str(BUNDLED_MODEL) if Path(BUNDLED_MODEL).exists() else None
+    from ..bundled import BUNDLED_MODEL
+
+    return str(BUNDLED_MODEL) if BUNDLED_MODEL.exists() else None
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -305,7 +315,8 @@ def get_spec(name: str) -> ModelSpec:
             raise ValueError(f"trained model at {path} is {config.model_type!r}; only llava is supported")
         depth = config.text_config.num_hidden_layers
         layers = scale_layers((12, 18, 24), 32, depth)
-        side = config.vision_config.image_size // config.vision_config.patch_size
+        rows, cols = config_grid(config)
+        side = min(rows, cols)
         windows = tuple(w for w in (4, 2, 1) if side * side >= 8 * w * w)[: len(layers)]
         return ModelSpec(name=f"trained:{path}", family="llava", description=f"trained checkpoint at {path}",
                          pretrained=path, reference_layers=layers[: len(windows)], reference_windows=windows,
