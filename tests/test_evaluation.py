@@ -224,15 +224,20 @@ def test_harness_and_demo_on_a_qwen_checkpoint(tiny_qwen_checkpoint, tmp_path):
     assert (tmp_path / "merge_maps.png").stat().st_size > 0
 
 
-def test_demo_and_compare_take_a_bundled_name_or_a_folder(tmp_path):
-    from lightkv.cli import _bundled, main
-    from lightkv.evaluation.tiny_model import BUNDLED_MODEL, BUNDLED_QWEN_MODEL
+def test_demo_and_compare_take_a_bundled_name_or_a_folder(tmp_path, capsys):
+    import argparse
 
-    assert _bundled(None) == BUNDLED_MODEL and _bundled("llava") == BUNDLED_MODEL
-    assert _bundled("qwen") == BUNDLED_QWEN_MODEL and _bundled(str(tmp_path)) == str(tmp_path)
+    from lightkv.bundled import BUNDLED_MODEL, BUNDLED_QWEN_MODEL
+    from lightkv.cli import _bundled, main
+
+    parser = argparse.ArgumentParser()
+    (tmp_path / "config.json").write_text("{}")
+    assert _bundled(parser, None) == BUNDLED_MODEL and _bundled(parser, "llava") == BUNDLED_MODEL
+    assert _bundled(parser, "qwen") == BUNDLED_QWEN_MODEL and _bundled(parser, str(tmp_path)) == str(tmp_path)
     for command in ("demo", "compare"):
-        with pytest.raises(SystemExit, match="not a folder"):
+        with pytest.raises(SystemExit):
             main([command, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+        assert "not a model folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
