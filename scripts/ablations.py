@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from lightkv.bundled import BUNDLED_MODEL
 from lightkv.evaluation.demo import lightkv_schedule
 from lightkv.evaluation.harness import (evaluate, load_model, markdown_table, model_label, question_set,
                                        vision_grid_side)
-from lightkv.evaluation.tiny_model import BUNDLED_MODEL
 
 
 def main():

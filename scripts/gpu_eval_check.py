@@ -21,17 +21,16 @@ from pathlib import Path
 import torch
 
 import lightkv
-from lightkv.evaluation.harness import evaluate, load_model, question_set
+from lightkv.bundled import BUNDLED_MODEL
+from lightkv.evaluation.harness import evaluate, load_model, question_set, vision_grid
 from lightkv.evaluation.lmms_run import run_eval
-from lightkv.evaluation.tiny_model import BUNDLED_MODEL
 
 PER_FAMILY = 20
 DEVICE = os.environ.get("LIGHTKV_CHECK_DEVICE", "cuda")  # "cpu": a smoke test of this script without a GPU
 
 
 def _schedule(model):
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    return lightkv.match_budget("lightkv", 0.55, model.config.text_config.num_hidden_layers, (side, side)).method
+    return lightkv.match_budget("lightkv", 0.55, model.config.text_config.num_hidden_layers, vision_grid(model)).method
 
 
 def _samples(folder: Path) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .adapters import LlavaAdapter
+
 __all__ = ["tiny_llava", "llava_prompt", "batch_prompts", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl",
            "qwen_prompt"]
 
@@ -36,7 +38,8 @@ def llava_prompt(model, text_before: list[int], text_after: list[int], num_image
                  seed: int = 0) -> dict:
     """input_ids (1, N) = text_before + image tokens (per image) + text_after, and random pixel values."""
     config = model.config
-    per_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    rows, cols = LlavaAdapter.image_grid(config)
+    per_image = rows * cols
     ids = list(text_before)
     for i in range(num_images):
         ids += [config.image_token_id] * per_image
