@@ -62,7 +62,7 @@ def check_batched_equals_unbatched(model, method, num_layers, new_tokens=4, prom
     assert stats.vision_tokens[-1] == [0] * num_layers
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeepPositions(lightkv.Method):
     """Prunes to given vision positions: kept[sample][stage], positions among the sample's real tokens."""
 
