@@ -119,7 +119,7 @@ def test_harness_reports_accuracy_loyalty_and_cache(tiny_checkpoint, tmp_path):
     assert same.vision_kv_ratio == 1.0 and same.retained_fraction == 1.0
     method = lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5])
     r = evaluate(model, processor, method, items, reference=base.answers, progress=False, batch_size=4)
-    expected = lightkv.predict_retained_fraction(method, 4, (16, 16))["retained_fraction"]
+    expected = lightkv.retained_fraction(method, 4, [(16, 16)])
     assert r.retained_fraction == pytest.approx(expected)
     assert r.vision_kv_ratio == pytest.approx(expected)
     assert 0 <= r.loyalty <= 1 and r.total_kv_ratio < 1
@@ -215,7 +215,7 @@ def test_harness_and_demo_on_a_qwen_checkpoint(tiny_qwen_checkpoint, tmp_path):
     assert same.answers == base.answers and same.retained_fraction == 1.0
     method = lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5])
     r = evaluate(model, processor, method, items, reference=base.answers, progress=False, batch_size=4)
-    expected = lightkv.predict_retained_fraction(method, 4, (16, 16))["retained_fraction"]
+    expected = lightkv.retained_fraction(method, 4, [(16, 16)])
     assert r.retained_fraction == pytest.approx(expected) and r.vision_kv_ratio == pytest.approx(expected)
     assert main(["demo", "--model", str(tiny_qwen_checkpoint), "--per-family", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())

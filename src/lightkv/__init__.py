@@ -6,13 +6,45 @@
     handle.remove()
 """
 
-from .methods import (DART, FastV, LightKV, Method, MethodSpec, PDrop, Random, ScorePruneMethod, SparseVLM,
-                      StageContext, StageResult, ToMe, VisionZip, WindowMergeMethod, build_method, get_method,
-                      method_names, parse_method_spec, predict_kept_per_layer, predict_retained_fraction,
-                      register_method, retained_fraction, split_method_list)
-from .budget import BudgetMatch, match_budget, register_budget
-from .adapters import SUPPORTED_FAMILIES, register_adapter
-from .engine import Handle, PrefillStats, apply
+from typing import TYPE_CHECKING, Any
+
+# name -> submodule that defines it. Loaded on first use, so that ``import lightkv`` (and the command line's
+# ``--help``) does not import torch or transformers.
+_EXPORTS = {
+    **dict.fromkeys(["DART", "FastV", "LightKV", "Method", "MethodSpec", "PDrop", "Random", "ScorePruneMethod",
+                     "SparseVLM", "StageContext", "StageResult", "ToMe", "VisionZip", "WindowMergeMethod",
+                     "build_method", "get_method", "method_names", "parse_method_spec", "predict_kept_per_layer",
+                     "predict_retained_fraction", "register_method", "retained_fraction", "split_method_list"],
+                    "methods"),
+    **dict.fromkeys(["BudgetMatch", "match_budget", "register_budget"], "budget"),
+    **dict.fromkeys(["SUPPORTED_FAMILIES", "register_adapter"], "adapters"),
+    **dict.fromkeys(["Handle", "PrefillStats", "apply"], "engine"),
+}
+
+if TYPE_CHECKING:
+    from .adapters import SUPPORTED_FAMILIES, register_adapter
+    from .budget import BudgetMatch, match_budget, register_budget
+    from .engine import Handle, PrefillStats, apply
+    from .methods import (DART, FastV, LightKV, Method, MethodSpec, PDrop, Random, ScorePruneMethod, SparseVLM,
+                          StageContext, StageResult, ToMe, VisionZip, WindowMergeMethod, build_method, get_method,
+                          method_names, parse_method_spec, predict_kept_per_layer, predict_retained_fraction,
+                          register_method, retained_fraction, split_method_list)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightkv' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = ["apply", "Handle", "PrefillStats", "SUPPORTED_FAMILIES", "register_adapter",
            "Method", "StageContext", "StageResult", "ScorePruneMethod", "WindowMergeMethod",

@@ -1,4 +1,4 @@
-"""``lightkv`` command line: demo, compare, bench, eval and methods.
+"""lightkv command line: demo, compare, bench, eval and methods.
 
 Parsing and checking the arguments imports only the standard library, so ``--help`` and usage errors are
 instant; torch, transformers and the method registry are imported once the arguments are known to be good

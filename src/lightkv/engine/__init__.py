@@ -5,7 +5,7 @@ compressed cache carries; masks.py: attention masks of shortened layers (pure fu
 prefill kept.
 """
 
-from .context import StageContext
+from ..methods.base import StageContext
 from .handle import SUPPORTED_ATTENTION, Handle, apply
 from .state import SequenceRecord, attach_record, record_of
 from .stats import PrefillStats

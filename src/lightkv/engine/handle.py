@@ -25,7 +25,7 @@ from torch import nn
 from ..adapters import Adapter, VisionLayout, get_adapter
 from ..core import compact_indices
 from ..methods import Method
-from .context import StageContext
+from ..methods.base import StageContext
 from .masks import decode_mask, gather_seq, prefill_mask, to_attention_format
 from .state import (DecodeState, PrefillState, SequenceRecord, attach_record, clear_state, current_state,
                     detach_record, record_of, set_state)

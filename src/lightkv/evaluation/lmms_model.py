@@ -30,7 +30,6 @@ the model on its own device and lmms-eval shards the documents.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import defaultdict
