@@ -32,11 +32,14 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+    import importlib.util
+
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'lightkv' has no attribute {name!r}")
-    import importlib
-
+        if importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'lightkv' has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)  # a submodule, e.g. lightkv.bundled
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
