@@ -1,7 +1,7 @@
 """The contract every (model family x method x attention implementation) combination keeps, from one table.
 
 Each case runs on a tiny random model of the family and a left-padded batch of prompts whose samples have
-different images (one image, two images of other grids, no image): exact kept counts per layer equal the
+different images (one image, two images of other grids, a two-frame video for Qwen, no image): exact kept counts per layer equal the
 method's own prediction (``kept_per_layer``), merges stay inside one image (and one window for the windowed
 merges), text and marker tokens are never touched, a method that removes nothing gives the unpatched logits,
 ``remove()`` gives back bit-identical logits, a padded batch equals its samples run alone, a text-only prompt
@@ -47,10 +47,11 @@ def _llava_prompts(model):
 def _qwen_prompts(model):
     return [qwen_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], images=[(6, 8)], seed=1),
             qwen_prompt(model, [1, 13], [25, 26, 27], images=[(4, 10), (8, 4)], seed=2),
+            qwen_prompt(model, [1, 14], [28, 29], images=[], videos=[(2, 4, 8)], seed=4),  # a frame is a grid
             qwen_prompt(model, [1, 14, 15, 16, 17], [28, 29], images=[], seed=3)]
 
 
-QWEN_GRIDS = (((6, 8),), ((4, 10), (8, 4)), ())
+QWEN_GRIDS = (((6, 8),), ((4, 10), (8, 4)), ((4, 8), (4, 8)), ())
 FAMILIES = {
     "llava": Family(lambda attn: tiny_llava(num_layers=N_LAYERS, grid=8, attn_implementation=attn), _llava_prompts,
                     (((8, 8),), ((8, 8), (8, 8)), ())),
@@ -58,6 +59,9 @@ FAMILIES = {
                        QWEN_GRIDS),
     "qwen2_5_vl": Family(lambda attn: tiny_qwen2_5_vl(num_layers=N_LAYERS, attn_implementation=attn), _qwen_prompts,
                          QWEN_GRIDS),
+    # spatial_merge_size 1 (a patch a token), the bundled Qwen model's layout
+    "qwen2_5_vl_merge1": Family(lambda attn: tiny_qwen2_5_vl(num_layers=N_LAYERS, attn_implementation=attn,
+                                                            merge_size=1, seed=1), _qwen_prompts, QWEN_GRIDS),
     "qwen3_vl": Family(lambda attn: tiny_qwen3_vl(num_layers=N_LAYERS, attn_implementation=attn), _qwen_prompts,
                        QWEN_GRIDS),
 }
@@ -100,7 +104,7 @@ METHOD_CASES = {
                             cached_equals_uncached=False),
     "visionzip": MethodCase(lambda: lightkv.VisionZip(dominant=20, contextual=4),
                             lambda: lightkv.VisionZip(dominant=10_000, contextual=0),
-                            unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl")} | {"qwen3_vl": "deepstack"}),
+                            unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge1")} | {"qwen3_vl": "deepstack"}),
 }
 
 

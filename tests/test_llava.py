@@ -76,11 +76,10 @@ def test_cache_lengths_per_layer(model):
 
 def test_predicted_fraction_matches_run(sdpa_model):
     method = lightkv.LightKV(**SCHEDULE)
-    predicted = lightkv.predict_retained_fraction(method, num_layers=4, grid=(16, 16))
     with lightkv.apply(sdpa_model, method) as handle, torch.no_grad():
         sdpa_model(**one_image(sdpa_model))
-    assert predicted["kept_per_layer"] == handle.stats.vision_tokens[0]
-    assert predicted["retained_fraction"] == pytest.approx(handle.stats.mean_retained_fraction)
+    assert method.kept_per_layer(4, [(16, 16)]) == handle.stats.vision_tokens[0]
+    assert lightkv.retained_fraction(method, 4, [(16, 16)]) == pytest.approx(handle.stats.mean_retained_fraction)
 
 
 # -- equivalences -------------------------------------------------------------------------------------------------
