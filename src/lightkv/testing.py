@@ -7,7 +7,7 @@ import torch
 from .adapters import LlavaAdapter
 
 __all__ = ["tiny_llava", "llava_prompt", "batch_prompts", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl",
-           "qwen_prompt"]
+           "qwen_prompt", "tiny_llava_next", "tiny_llava_onevision", "llava_next_prompt"]
 
 
 def tiny_llava(num_layers: int = 4, grid: int = 16, attn_implementation: str = "sdpa", seed: int = 0,
@@ -68,7 +68,8 @@ def batch_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
             n = p[key].shape[1]
             rows.append(torch.cat([torch.full((1, length - n), value, dtype=p[key].dtype), p[key]], dim=1))
         out[key] = torch.cat(rows)
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
+                "batch_num_images"):
         parts = [p[key] for p in prompts if key in p]
         if parts:
             out[key] = torch.cat(parts)
@@ -201,3 +202,103 @@ def qwen_prompt(model, text_before: list[int], text_after: list[int], images: li
         out["pixel_values_videos"] = torch.randn(int(grid.prod(1).sum()), patch_dim, generator=gen)
         out["video_grid_thw"] = grid
     return out
+
+
+# -- LLaVA-NeXT / LLaVA-OneVision --------------------------------------------------------------------------------
+
+NEXT_PINPOINTS = [[12, 24], [24, 12], [24, 24]]  # (H, W) pixels, multiples of the 12-px crop
+
+
+def _scale_text(model, attn_implementation: str):
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def tiny_llava_next(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                    vocab_size: int = 128):
+    """A random ``LlavaNextForConditionalGeneration``: Llama text model, CLIP tower on 12-px crops of 2-px patches
+    (6x6 base grid), pinpoints 12x24, 24x12, 24x24 (high-res grids up to 12x12 before unpadding)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=12, patch_size=2, projection_dim=32)
+    text = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=vocab_size - 1,
+                             image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", pad_token_id=0)
+    torch.manual_seed(seed)
+    model = _scale_text(LlavaNextForConditionalGeneration(config), attn_implementation)
+    model.generation_config.suppress_tokens = [vocab_size - 1]
+    return model
+
+
+def tiny_llava_onevision(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0,
+                         hidden_size: int = 64, vocab_size: int = 128, vision_aspect_ratio: str = "anyres_max_2"):
+    """A random ``LlavaOnevisionForConditionalGeneration``: Qwen2 text model, SigLIP tower (no CLS) on 12-px crops
+    (6x6 base grid, 3x3 pooled video frames), pinpoints as ``tiny_llava_next``; ``anyres_max_2`` shrinks a
+    high-res grid of more than ~2 crops' worth of tokens."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=12, patch_size=2)
+    text = Qwen2Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=vocab_size - 1,
+                                  video_token_index=vocab_size - 2, image_grid_pinpoints=NEXT_PINPOINTS,
+                                  vision_aspect_ratio=vision_aspect_ratio, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", pad_token_id=0)
+    torch.manual_seed(seed)
+    model = _scale_text(LlavaOnevisionForConditionalGeneration(config), attn_implementation)
+    model.generation_config.suppress_tokens = [vocab_size - 1, vocab_size - 2]
+    return model
+
+
+def llava_next_prompt(model, text_before: list[int], text_after: list[int], image_sizes=((20, 30),),
+                      video_frames: int = 0, seed: int = 0) -> dict:
+    """Processor-free LLaVA-NeXT / OneVision inputs (batch 1): text_before, each image's tokens (base grid +
+    high-res rows + newlines, as the adapter lays them out) separated by one text token, a video of
+    ``video_frames`` frames (OneVision), text_after. image_sizes: (H, W) pixels per image. Pixel values are
+    random crops in the stacked 4-D form; OneVision prompts carry ``batch_num_images``."""
+    from .adapters import get_adapter
+
+    adapter = get_adapter(model)
+    config = model.config
+    size = config.vision_config.image_size
+    onevision = hasattr(config, "video_token_id")
+    sizes = torch.tensor([list(s) for s in image_sizes], dtype=torch.long).view(-1, 2)
+    call = {"batch_num_images": torch.tensor([len(sizes)])} if onevision else {}
+    ids, crops = list(text_before), 0
+    for i, parts in enumerate(adapter._items_from_sizes(sizes, call) if len(sizes) else []):
+        if i:
+            ids.append(5 + i)
+        ids += [config.image_token_id] * sum(p[1] * (p[2] + int(p[3])) if p[0] == "grid" else 1 for p in parts)
+        crops += 1 + (sum(1 for p in parts if p[0] == "grid" and p[3]) and _crops(sizes[i], config))
+    if video_frames:
+        frame = -(-size // config.vision_config.patch_size // 2)
+        ids += [config.video_token_id] * (video_frames * frame * frame + 1)
+    ids += list(text_after)
+    gen = torch.Generator().manual_seed(seed)
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long), **call}
+    if len(sizes):
+        out["pixel_values"] = torch.randn(crops, 3, size, size, generator=gen)
+        out["image_sizes"] = sizes
+    if video_frames:
+        out["pixel_values_videos"] = torch.randn(1, video_frames, 3, size, size, generator=gen)
+    return out
+
+
+def _crops(image_size: torch.Tensor, config) -> int:
+    """High-res crops of an image (the best pinpoint resolution over the crop size)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = select_best_resolution(tuple(image_size.tolist()), config.image_grid_pinpoints)
+    side = config.vision_config.image_size
+    return (height // side) * (width // side)

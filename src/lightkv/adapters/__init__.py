@@ -12,6 +12,7 @@ from torch import nn
 
 from .base import Adapter, VisionLayout, is_instance_of
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen import Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter
 
 __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter", "adapter_class_for_config",
@@ -21,6 +22,9 @@ __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_ada
 # The registry, in matching order (the first adapter that fits a model wins). Changed in place only, by
 # ``register_adapter``, so that every module holding a reference sees registrations.
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter]
+
+ADAPTERS.extend([LlavaNextAdapter, LlavaOnevisionAdapter])
+__all__ += ["LlavaNextAdapter", "LlavaOnevisionAdapter"]
 
 # family -> model class names, following ADAPTERS
 SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {}
