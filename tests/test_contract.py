@@ -25,6 +25,7 @@ from lightkv.adapters import get_adapter
 from lightkv.core import window_index
 from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl, \
     tiny_qwen3_vl
+from lightkv.testing import internvl_prompt, tiny_internvl
 
 from helpers import check_batched_equals_unbatched, check_remove_restores, check_text_only_passes_through, generate
 
@@ -52,7 +53,18 @@ def _qwen_prompts(model):
 
 
 QWEN_GRIDS = (((6, 8),), ((4, 10), (8, 4)), ((4, 8), (4, 8)), ())
+
+
+def _internvl_prompts(model):  # an image of 2 tiles + thumbnail; images of 1 and 2 tiles; text only
+    return [internvl_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], tiles=[3], seed=1),
+            internvl_prompt(model, [1, 13], [25, 26, 27], tiles=[1, 2], seed=2),
+            internvl_prompt(model, [1, 14, 15, 16, 17], [28, 29], tiles=[], seed=3)]
+
+
 FAMILIES = {
+    # each tile (thumbnail included) is its own 8x8 grid
+    "internvl": Family(lambda attn: tiny_internvl(num_layers=N_LAYERS, attn_implementation=attn), _internvl_prompts,
+                       (((8, 8),) * 3, ((8, 8),) * 3, ())),
     "llava": Family(lambda attn: tiny_llava(num_layers=N_LAYERS, grid=8, attn_implementation=attn), _llava_prompts,
                     (((8, 8),), ((8, 8), (8, 8)), ())),
     "qwen2_vl": Family(lambda attn: tiny_qwen2_vl(num_layers=N_LAYERS, attn_implementation=attn), _qwen_prompts,
@@ -104,7 +116,8 @@ METHOD_CASES = {
                             cached_equals_uncached=False),
     "visionzip": MethodCase(lambda: lightkv.VisionZip(dominant=20, contextual=4),
                             lambda: lightkv.VisionZip(dominant=10_000, contextual=0),
-                            unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge1")} | {"qwen3_vl": "deepstack"}),
+                            unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge1")} | {"qwen3_vl": "deepstack"}
+                            | {"internvl": "pixel-shuffles"}),
 }
 
 

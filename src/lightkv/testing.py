@@ -204,6 +204,59 @@ def qwen_prompt(model, text_before: list[int], text_after: list[int], images: li
     return out
 
 
+# -- InternVL ------------------------------------------------------------------------------------------------------
+
+__all__ += ["tiny_internvl", "internvl_prompt"]
+
+INTERNVL_IMAGE_TOKEN, INTERNVL_IMG_START, INTERNVL_IMG_END = 127, 125, 126
+
+
+def tiny_internvl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                  vocab_size: int = 128, tile_grid: int = 8):
+    """A random ``InternVLForConditionalGeneration``: Qwen2 text model with GQA, an InternViT tower on 32-px
+    tiles of 2-px patches, pixel-shuffled into ``tile_grid`` x ``tile_grid`` tokens per tile (4 * tile_grid px)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=4 * tile_grid, patch_size=2)
+    text = Qwen2Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=INTERNVL_IMAGE_TOKEN,
+                            image_seq_length=tile_grid * tile_grid)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    # a random model may emit the placeholder id; an uncached step would then look for its image features
+    model.generation_config.suppress_tokens = [INTERNVL_IMG_START, INTERNVL_IMG_END, INTERNVL_IMAGE_TOKEN]
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def internvl_prompt(model, text_before: list[int], text_after: list[int], tiles: list[int] = (3,),
+                    seed: int = 0) -> dict:
+    """Processor-free InternVL inputs (batch 1), as ``InternVLProcessor`` lays them out: per image ``<img>`` +
+    (tiles x tile tokens) image tokens + ``</img>``, consecutive images separated by one text token; random
+    ``pixel_values`` (sum(tiles), 3, S, S). tiles: tiles of each image (a thumbnail counts as one)."""
+    config = model.config
+    per_tile = config.image_seq_length
+    ids = list(text_before)
+    for i, n in enumerate(tiles):
+        if i:
+            ids.append(5 + i)
+        ids += [INTERNVL_IMG_START] + [config.image_token_id] * (n * per_tile) + [INTERNVL_IMG_END]
+    ids += list(text_after)
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    if sum(tiles):
+        size = config.vision_config.image_size
+        gen = torch.Generator().manual_seed(seed)
+        out["pixel_values"] = torch.randn(sum(tiles), 3, size[0], size[1], generator=gen)
+    return out
+
+
 # -- LLaVA-NeXT / LLaVA-OneVision --------------------------------------------------------------------------------
 
 NEXT_PINPOINTS = [[12, 24], [24, 12], [24, 24]]  # (H, W) pixels, multiples of the 12-px crop

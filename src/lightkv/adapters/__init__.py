@@ -13,15 +13,16 @@ from torch import nn
 from .base import Adapter, VisionLayout, is_instance_of
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from .internvl import InternVLAdapter
 from .qwen import Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter
 
 __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter", "adapter_class_for_config",
            "register_adapter", "is_instance_of", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter",
-           "Qwen3VLAdapter"]
+           "Qwen3VLAdapter", "InternVLAdapter"]
 
 # The registry, in matching order (the first adapter that fits a model wins). Changed in place only, by
 # ``register_adapter``, so that every module holding a reference sees registrations.
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, InternVLAdapter]
 
 ADAPTERS.extend([LlavaNextAdapter, LlavaOnevisionAdapter])
 __all__ += ["LlavaNextAdapter", "LlavaOnevisionAdapter"]
