@@ -27,7 +27,7 @@ from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava
     tiny_qwen3_vl
 from lightkv.testing import internvl_prompt, tiny_internvl
 
-from lightkv.testing import mistral3_prompt, tiny_mistral3, tiny_pixtral_llava
+from lightkv.testing import llava_next_prompt, tiny_llava_next, tiny_llava_onevision
 from helpers import check_batched_equals_unbatched, check_remove_restores, check_text_only_passes_through, generate
 
 N_LAYERS = 4
@@ -38,6 +38,7 @@ class Family:
     build: Callable  # (attn_implementation) -> model
     prompts: Callable  # (model) -> list of single-sample prompts, the last one without images
     grids: tuple  # per prompt: the (rows, cols) token grids of its images
+    unmerged: tuple = ()  # per prompt: vision tokens in no grid, never merged (LLaVA-NeXT newlines)
 
 
 def _llava_prompts(model):
@@ -80,19 +81,21 @@ FAMILIES = {
 }
 
 
+def _llava_next_prompts(model):  # base grid + unpadded high-res grid per image, a newline after each high-res row
+    video = [llava_next_prompt(model, [1, 14], [28, 29], image_sizes=[], video_frames=2, seed=4)] \
+        if hasattr(model.config, "video_token_id") else []
+    return [llava_next_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], image_sizes=[(20, 30)], seed=1),
+            llava_next_prompt(model, [1, 13], [25, 26, 27], image_sizes=[(30, 14), (24, 24)], seed=2),
+            *video, llava_next_prompt(model, [1, 14, 15, 16, 17], [28, 29], image_sizes=[], seed=3)]
 
-def _mistral3_prompts(model):  # rows of [IMG] with [IMG_BREAK] / [IMG_END]: any aspect ratio
-    return [mistral3_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], images=[(6, 8)], seed=1),
-            mistral3_prompt(model, [1, 13], [25, 26, 27], images=[(4, 6), (8, 4)], seed=2),
-            mistral3_prompt(model, [1, 14, 15, 16, 17], [28, 29], images=[], seed=3)]
 
-
-MISTRAL3_GRIDS = (((6, 8),), ((4, 6), (8, 4)), ())
-# Ministral-3 text (llama_4 query scaling) in Mistral3; Pixtral-12B's layout: LLaVA with a Pixtral tower
-FAMILIES["mistral3"] = Family(lambda attn: tiny_mistral3(num_layers=N_LAYERS, attn_implementation=attn),
-                              _mistral3_prompts, MISTRAL3_GRIDS)
-FAMILIES["pixtral"] = Family(lambda attn: tiny_pixtral_llava(num_layers=N_LAYERS, attn_implementation=attn),
-                             _mistral3_prompts, MISTRAL3_GRIDS)
+FAMILIES["llava_next"] = Family(lambda attn: tiny_llava_next(num_layers=N_LAYERS, attn_implementation=attn),
+                                _llava_next_prompts, (((6, 6), (8, 12)), ((6, 6), (12, 6), (6, 6), (12, 12)), ()),
+                                unmerged=(8, 24, 0))
+# OneVision: anyres_max_2 shrinks 8x12 to 6x10; two images in a sample are base grids only; a video's frames
+FAMILIES["llava_onevision"] = Family(
+    lambda attn: tiny_llava_onevision(num_layers=N_LAYERS, attn_implementation=attn), _llava_next_prompts,
+    (((6, 6), (6, 10)), ((6, 6), (6, 6)), ((3, 3), (3, 3)), ()), unmerged=(6, 2, 1, 0))
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,10 @@ METHOD_CASES = {
     "visionzip": MethodCase(lambda: lightkv.VisionZip(dominant=20, contextual=4),
                             lambda: lightkv.VisionZip(dominant=10_000, contextual=0),
                             unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge1")} | {"qwen3_vl": "deepstack"}
-                            | {f: "CLS token" for f in ("mistral3", "pixtral")}
                             | {"internvl": "pixel-shuffles"}),
 }
+
+METHOD_CASES["visionzip"].unsupported.update({"llava_next": "crops", "llava_onevision": "CLS token"})
 
 
 @functools.cache
@@ -173,7 +177,8 @@ def test_kept_counts_equal_the_prediction(case):
     out, stats = _run(model, method, batch_prompts(prompts))
     for sample, grids in enumerate(spec.grids):
         expected = method.kept_per_layer(N_LAYERS, grids) if grids else [0] * N_LAYERS
-        assert stats.vision_tokens[sample] == expected, sample
+        unmerged = spec.unmerged[sample] if spec.unmerged else 0
+        assert stats.vision_tokens[sample] == [n + unmerged for n in expected], sample
     assert stats.vision_tokens[0][-1] < sum(h * w for h, w in spec.grids[0])  # the method did remove tokens
     # every layer caches the longest row: its real tokens, the rest is padding
     tokens = [max(row[layer] for row in stats.tokens) for layer in range(N_LAYERS)]
@@ -214,7 +219,8 @@ def test_removing_nothing_gives_the_unpatched_logits(case):
     out, stats = _run(model, method_case.identity(), inputs)
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(out.logits[valid], expected[valid], rtol=1e-5, atol=1e-5)
-    assert stats.vision_tokens[0] == [sum(h * w for h, w in spec.grids[0])] * N_LAYERS
+    unmerged = spec.unmerged[0] if spec.unmerged else 0
+    assert stats.vision_tokens[0] == [sum(h * w for h, w in spec.grids[0]) + unmerged] * N_LAYERS
 
 
 def test_remove_gives_back_the_model(case):
