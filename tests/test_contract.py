@@ -27,6 +27,7 @@ from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava
     tiny_qwen3_vl
 from lightkv.testing import internvl_prompt, tiny_internvl
 
+from lightkv.testing import mistral3_prompt, tiny_mistral3, tiny_pixtral_llava
 from lightkv.testing import llava_next_prompt, tiny_llava_next, tiny_llava_onevision
 from helpers import check_batched_equals_unbatched, check_remove_restores, check_text_only_passes_through, generate
 
@@ -79,6 +80,21 @@ FAMILIES = {
     "qwen3_vl": Family(lambda attn: tiny_qwen3_vl(num_layers=N_LAYERS, attn_implementation=attn), _qwen_prompts,
                        QWEN_GRIDS),
 }
+
+
+
+def _mistral3_prompts(model):  # rows of [IMG] with [IMG_BREAK] / [IMG_END]: any aspect ratio
+    return [mistral3_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], images=[(6, 8)], seed=1),
+            mistral3_prompt(model, [1, 13], [25, 26, 27], images=[(4, 6), (8, 4)], seed=2),
+            mistral3_prompt(model, [1, 14, 15, 16, 17], [28, 29], images=[], seed=3)]
+
+
+MISTRAL3_GRIDS = (((6, 8),), ((4, 6), (8, 4)), ())
+# Ministral-3 text (llama_4 query scaling) in Mistral3; Pixtral-12B's layout: LLaVA with a Pixtral tower
+FAMILIES["mistral3"] = Family(lambda attn: tiny_mistral3(num_layers=N_LAYERS, attn_implementation=attn),
+                              _mistral3_prompts, MISTRAL3_GRIDS)
+FAMILIES["pixtral"] = Family(lambda attn: tiny_pixtral_llava(num_layers=N_LAYERS, attn_implementation=attn),
+                             _mistral3_prompts, MISTRAL3_GRIDS)
 
 
 def _llava_next_prompts(model):  # base grid + unpadded high-res grid per image, a newline after each high-res row
@@ -136,6 +152,7 @@ METHOD_CASES = {
     "visionzip": MethodCase(lambda: lightkv.VisionZip(dominant=20, contextual=4),
                             lambda: lightkv.VisionZip(dominant=10_000, contextual=0),
                             unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge1")} | {"qwen3_vl": "deepstack"}
+                            | {f: "CLS token" for f in ("mistral3", "pixtral")}
                             | {"internvl": "pixel-shuffles"}),
 }
 

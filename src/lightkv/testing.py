@@ -355,3 +355,104 @@ def _crops(image_size: torch.Tensor, config) -> int:
     height, width = select_best_resolution(tuple(image_size.tolist()), config.image_grid_pinpoints)
     side = config.vision_config.image_size
     return (height // side) * (width // side)
+
+
+# -- Mistral3 / Pixtral ------------------------------------------------------------------------------------------
+
+__all__ += ["tiny_mistral3", "tiny_pixtral_llava", "mistral3_prompt"]
+
+MISTRAL3_IMAGE_TOKEN, MISTRAL3_IMAGE_BREAK, MISTRAL3_IMAGE_END = 127, 125, 126
+
+
+def _mistral_text(num_layers: int, hidden_size: int, vocab_size: int, llama_4_scaling: bool):
+    """A tiny Mistral text config; ``llama_4_scaling``: Ministral-3's query scale (beta 0.5 after every 16
+    positions, so a tiny prompt spans several scales)."""
+    common = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4, vocab_size=vocab_size,
+                  max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=None)
+    if llama_4_scaling:
+        from transformers import Ministral3Config
+
+        return Ministral3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "llama_4_scaling_beta": 0.5,
+                                                            "original_max_position_embeddings": 16})
+    from transformers import MistralConfig
+
+    return MistralConfig(**common)
+
+
+def _finish_mistral(model, attn_implementation: str, language_model):
+    model.set_attn_implementation(attn_implementation)
+    # a random model may emit the image ids; an uncached step would then look for image features
+    model.generation_config.suppress_tokens = [MISTRAL3_IMAGE_BREAK, MISTRAL3_IMAGE_END, MISTRAL3_IMAGE_TOKEN]
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        for p in language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def tiny_mistral3(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                  vocab_size: int = 128, llama_4_scaling: bool = True):
+    """A random ``Mistral3ForConditionalGeneration``: a Pixtral tower on images up to 32 x 32 px in 2-px patches,
+    2 x 2 patches merged into a token (up to 8 x 8 tokens); a Ministral-3 text model (Mistral without
+    ``llama_4_scaling``)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=32, patch_size=2)
+    config = Mistral3Config(vision_config=vision, text_config=_mistral_text(num_layers, hidden_size, vocab_size,
+                                                                            llama_4_scaling),
+                            image_token_index=MISTRAL3_IMAGE_TOKEN, spatial_merge_size=2)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config)
+    return _finish_mistral(model, attn_implementation, model.model.language_model)
+
+
+def tiny_pixtral_llava(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                       vocab_size: int = 128):
+    """A random Pixtral-12B-style ``LlavaForConditionalGeneration``: a Pixtral tower on images up to 32 x 32 px in
+    4-px patches, a patch a token (up to 8 x 8 tokens), a Mistral text model."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=32, patch_size=4)
+    config = LlavaConfig(vision_config=vision, text_config=_mistral_text(num_layers, hidden_size, vocab_size, False),
+                         image_token_index=MISTRAL3_IMAGE_TOKEN, vision_feature_select_strategy="full",
+                         vision_feature_layer=-1, projector_hidden_act="gelu", pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    return _finish_mistral(model, attn_implementation, model.model.language_model)
+
+
+def mistral3_prompt(model, text_before: list[int], text_after: list[int], images: list[tuple[int, int]] = ((6, 8),),
+                    seed: int = 0) -> dict:
+    """Processor-free Mistral3 / Pixtral inputs (batch 1), as ``PixtralProcessor`` lays them out.
+
+    images: (rows, cols) token grid of each image: rows of cols ``[IMG]``, ``[IMG_BREAK]`` after each row but the
+    last, ``[IMG_END]`` after it; consecutive images are separated by one text token. Random pixels of
+    (rows, cols) x patch x merge px per image, padded to the vision config's ``image_size`` square as the
+    processor pads a batch, and ``image_sizes`` (H, W) in pixels.
+    """
+    from .adapters.mistral3 import Mistral3Adapter, PixtralLlavaAdapter
+
+    config = model.config
+    adapter = PixtralLlavaAdapter if type(config).__name__ == "LlavaConfig" else Mistral3Adapter
+    unit = config.vision_config.patch_size * adapter.merge_size(config)
+    size = config.vision_config.image_size
+    ids = list(text_before)
+    for i, (rows, cols) in enumerate(images):
+        if i:
+            ids.append(5 + i)
+        for r in range(rows):
+            ids += [config.image_token_id] * cols + [MISTRAL3_IMAGE_BREAK if r < rows - 1 else MISTRAL3_IMAGE_END]
+    ids += list(text_after)
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    if images:
+        gen = torch.Generator().manual_seed(seed)
+        pixels = torch.zeros(len(images), 3, size, size)
+        for i, (rows, cols) in enumerate(images):
+            pixels[i, :, :rows * unit, :cols * unit] = torch.randn(3, rows * unit, cols * unit, generator=gen)
+        out["pixel_values"] = pixels
+        out["image_sizes"] = torch.tensor([[rows * unit, cols * unit] for rows, cols in images])
+    return out

@@ -15,6 +15,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .internvl import InternVLAdapter
 from .qwen import Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter
+from .mistral3 import Mistral3Adapter, PixtralLlavaAdapter
 
 __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter", "adapter_class_for_config",
            "register_adapter", "is_instance_of", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter",
@@ -26,6 +27,11 @@ ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter
 
 ADAPTERS.extend([LlavaNextAdapter, LlavaOnevisionAdapter])
 __all__ += ["LlavaNextAdapter", "LlavaOnevisionAdapter"]
+
+# Pixtral-12B is a LlavaForConditionalGeneration with a Pixtral tower: its adapter is tried before LLaVA's
+ADAPTERS.insert(ADAPTERS.index(LlavaAdapter), PixtralLlavaAdapter)
+ADAPTERS.append(Mistral3Adapter)
+__all__ += ["Mistral3Adapter", "PixtralLlavaAdapter"]
 
 # family -> model class names, following ADAPTERS
 SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, VisionLayout, is_instance_of
+from .mistral3 import has_pixtral_tower
 
 __all__ = ["LlavaAdapter"]
 
@@ -20,6 +21,16 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     model_types = ("llava",)
+
+    # Pixtral-12B is a LLaVA model with a Pixtral vision tower and another token layout (rows of [IMG] tokens
+    # with break / end tokens): the Pixtral adapter (mistral3.py) takes it
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return super().matches(model) and not has_pixtral_tower(getattr(model, "config", None))
+
+    @classmethod
+    def matches_config(cls, config) -> bool:
+        return super().matches_config(config) and not has_pixtral_tower(config)
 
     @property
     def entry_module(self) -> nn.Module:

@@ -1,0 +1,304 @@
+"""Mistral3 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``: Mistral-Small-3.1/3.2, Ministral-3) and
+Pixtral-12B (``LlavaForConditionalGeneration`` / ``LlavaModel`` with a Pixtral vision tower).
+
+Token layout (the Pixtral processor): an image of h x w pixels becomes R = h / u rows of C = w / u ``[IMG]``
+tokens (u = patch size x ``spatial_merge_size``; Pixtral-12B merges nothing), an ``[IMG_BREAK]`` after every
+row but the last and an ``[IMG_END]`` after the last; any aspect ratio. The image features fill the ``[IMG]``
+tokens in raster order. Break and end tokens are ordinary text embeddings: they are never merged and count as
+prompt, so each image is one R x C grid of ``[IMG]`` tokens.
+
+Rows and columns come from the runs of ``[IMG]`` tokens in the prompt (``generate`` drops ``image_sizes`` from
+the prefill call), so the adapter must tell a break from an end after a run. Their ids live in the tokenizer,
+not the config: the adapter takes them as ``image_break_token_id`` / ``image_end_token_id`` (constructor
+arguments, else the same attributes on ``model.config``; set them from the processor to pin them:
+``model.config.image_end_token_id = processor.image_end_token_id``). Unset, they are detected per call: the
+token after the last ``[IMG]`` run of every prompt is ``[IMG_END]`` (the processor always closes an image with
+it), and every other run must be followed by one same other token, ``[IMG_BREAK]``, with the next row of the
+image right after it. A prompt that breaks these rules (rows of different lengths, a row not followed by
+break or end, ids that disagree) raises ValueError; so does one whose grids disagree with ``image_sizes`` when
+the call carries them.
+
+Ministral-3 text models (``llama_4_scaling_beta`` in the text config's ``rope_parameters``) multiply every query
+by 1 + beta * log(1 + floor(position / original_max_position_embeddings)) after RoPE: ``queries_keys`` applies
+the model's own scale at the positions the stage layer received, so guidance scores use the model's queries.
+
+Mistral text configs may set ``sliding_window`` (``MistralConfig`` defaults to 4096; released checkpoints set
+null): a sliding-window cache cannot hold shortened layers, so ``apply`` raises ValueError for such a model.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Adapter, VisionLayout, is_instance_of
+
+__all__ = ["Mistral3Adapter", "PixtralLlavaAdapter", "has_pixtral_tower"]
+
+
+def has_pixtral_tower(config: Any) -> bool:
+    """Whether ``config`` (a LLaVA-style config) describes a Pixtral vision tower."""
+    return getattr(getattr(config, "vision_config", None), "model_type", None) == "pixtral"
+
+
+def _optional_id(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"lightkv: {name} must be a non-negative token id or None, got {value!r}")
+    return int(value)
+
+
+class Mistral3Adapter(Adapter):
+    family = "mistral3"
+    model_classes = ("Mistral3ForConditionalGeneration", "Mistral3Model")
+    model_types = ("mistral3",)
+
+    def __init__(self, model: nn.Module, image_break_token_id: int | None = None,
+                 image_end_token_id: int | None = None):
+        super().__init__(model)
+        config = model.config
+        if image_break_token_id is None:
+            image_break_token_id = getattr(config, "image_break_token_id", None)
+        if image_end_token_id is None:
+            image_end_token_id = getattr(config, "image_end_token_id", None)
+        self.image_break_token_id = _optional_id("image_break_token_id", image_break_token_id)
+        self.image_end_token_id = _optional_id("image_end_token_id", image_end_token_id)
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @property
+    def entry_module(self) -> nn.Module:
+        head = is_instance_of(self.model, self.model_classes[0])  # the class with the LM head, holding ``.model``
+        return self.model.model if head else self.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.entry_module.language_model
+
+    def vision_tower(self) -> nn.Module | None:
+        return getattr(self.entry_module, "vision_tower", None)
+
+    def vision_feature_layer(self) -> int | list[int] | None:
+        return self.model.config.vision_feature_layer
+
+    def vision_encoder_layers(self) -> nn.ModuleList | None:
+        layers = getattr(getattr(self.vision_tower(), "transformer", None), "layers", None)
+        return layers if isinstance(layers, nn.ModuleList) else None
+
+    def has_cls_token(self) -> bool:
+        return False  # Pixtral: patch convolution and 2-D RoPE, no class token
+
+    @classmethod
+    def merge_size(cls, config: Any) -> int:
+        """Patches per side merged into one image token (Mistral3's patch merger; 1 for Pixtral-12B)."""
+        return int(getattr(config, "spatial_merge_size", 1) or 1)
+
+    @classmethod
+    def image_grid(cls, config: Any, max_pixels: int | None = None) -> tuple[int, int] | None:
+        """The grid follows the image: a square image of ``max_pixels`` pixels (the largest one the vision
+        config allows, ``image_size`` per side, without it) in tokens of patch size x merge size pixels."""
+        vision = getattr(config, "vision_config", None)
+        size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+        if not (isinstance(size, int) and isinstance(patch, int)):
+            return None
+        side = size if not max_pixels else min(size, math.isqrt(int(max_pixels)))
+        side //= patch * cls.merge_size(config)
+        return (side, side) if side > 0 else None
+
+    def validate_stage_layers(self, stage_layers: tuple[int, ...]) -> None:
+        window = getattr(self.text_config, "sliding_window", None)
+        if window is not None:
+            raise ValueError(f"lightkv: this {type(self.model).__name__}'s text model uses sliding-window attention "
+                             f"(sliding_window={window}), whose cache cannot hold shortened layers; released Mistral3 "
+                             "/ Pixtral checkpoints set it to null")
+
+    # -- attention pieces for guidance ----------------------------------------------------------------------
+    def _llama_4_scaling(self) -> tuple[float, int] | None:
+        rope = getattr(self.text_config, "rope_parameters", None) or {}
+        beta = rope.get("llama_4_scaling_beta") if isinstance(rope, dict) else None
+        if beta is None:
+            return None
+        return float(beta), int(rope.get("original_max_position_embeddings"))
+
+    def _stage_position_ids(self, length: int, device: torch.device) -> torch.Tensor:
+        """(B or 1, length) position ids the stage layer in progress received (as the engine passed them)."""
+        handle = getattr(self.model, "_lightkv_handle", None)
+        state = handle.prefill_state() if handle is not None else None
+        if state is None:
+            raise RuntimeError("lightkv: Ministral-3 query scaling needs the position ids of the prefill in progress")
+        kwargs = state.segment_kwargs if state.shortened else state.full_kwargs
+        positions = kwargs.get("position_ids") if kwargs else None
+        if positions is None:
+            positions = torch.arange(length, device=device)[None]
+        if positions.shape[-1] != length:
+            raise RuntimeError(f"lightkv: the stage layer holds {length} tokens, its position ids {positions.shape[-1]}")
+        return positions
+
+    def queries_keys(self, layer: nn.Module, q_raw: torch.Tensor, k_raw: torch.Tensor,
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Post-RoPE queries and keys; Ministral-3 queries also carry the model's position-dependent scale."""
+        q, k, scaling = super().queries_keys(layer, q_raw, k_raw, position_embeddings)
+        llama_4 = self._llama_4_scaling()
+        if llama_4 is not None:
+            beta, original = llama_4
+            attn = self.attention(layer)
+            scale_fn = getattr(sys.modules[type(attn).__module__], "get_llama_4_attn_scale", None)
+            positions = self._stage_position_ids(q.shape[2], q.device)
+            if scale_fn is not None:
+                scale = scale_fn(positions, beta, original)
+            else:  # the formula of transformers' Ministral3 attention, (B, 1, N, 1)
+                scale = (1 + beta * torch.log(1 + torch.floor(positions / original)))[:, None, :, None]
+            q = q * scale.to(q.dtype)
+        return q, k, scaling
+
+    # -- image tokens ----------------------------------------------------------------------------------------
+    def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+                          ) -> torch.Tensor:
+        image_id = self.model.config.image_token_id
+        if input_ids is not None:
+            return input_ids == image_id
+        return self._embedding_equals(inputs_embeds, image_id)
+
+    def _embedding_equals(self, inputs_embeds: torch.Tensor, token_id: int) -> torch.Tensor:
+        # the test transformers uses without input_ids: the token's embedding, before features are scattered in
+        embed = self.entry_module.get_input_embeddings()
+        token = embed(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        return (inputs_embeds == token).all(-1)
+
+    def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                      call_kwargs: dict) -> VisionLayout | None:
+        image_tokens = self._image_token_mask(input_ids, inputs_embeds)
+        if not bool(image_tokens.any()):
+            return None
+        encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if call_kwargs.get("pixel_values") is None and encoded is None:
+            return None  # no features come with these ids: the model embeds them as text, so do we
+        B, N = image_tokens.shape
+        device = image_tokens.device
+
+        # runs of consecutive [IMG] tokens, in batch row-major order (the order features are scattered in)
+        padded = torch.nn.functional.pad(image_tokens.long(), (1, 1))
+        edges = padded[:, 1:] - padded[:, :-1]  # (B, N + 1)
+        starts = torch.nonzero(edges == 1)  # (R, 2): batch row, first token
+        run_row, run_start = starts[:, 0], starts[:, 1]
+        run_end = torch.nonzero(edges == -1)[:, 1]  # one past the last token
+        lengths = run_end - run_start
+        if bool((run_end >= N).any()):
+            raise ValueError("lightkv: a prompt ends inside an image: every image must end with [IMG_END] (pass the "
+                             "processor's output unchanged)")
+        is_end = self._run_ends_image(input_ids, inputs_embeds, run_row, run_end)
+
+        # every run not ending its image is followed by one break token and the next row, of the same length
+        R = int(run_row.shape[0])
+        inner = torch.nonzero(~is_end).flatten()
+        if inner.numel():
+            if int(inner.max()) >= R - 1:
+                raise ValueError("lightkv: the last image of the batch has no [IMG_END]")
+            nxt = inner + 1
+            bad = (run_row[nxt] != run_row[inner]) | (run_start[nxt] != run_end[inner] + 1) \
+                | (lengths[nxt] != lengths[inner])
+            if bool(bad.any()):
+                raise ValueError("lightkv: an image's rows of [IMG] tokens are not equally long runs separated by "
+                                 "one [IMG_BREAK] each (pass the processor's output unchanged)")
+        first_run = torch.cat([torch.ones(1, dtype=torch.bool, device=device), is_end[:-1]])
+        image_of_run = torch.cumsum(first_run.long(), 0) - 1  # (R,)
+        first_of_image = torch.nonzero(first_run).flatten()  # (I,)
+        row_of_run = torch.arange(R, device=device) - first_of_image[image_of_run]
+        rows_per_image = torch.bincount(image_of_run)
+        grid_hw = torch.stack([rows_per_image, lengths[first_of_image]], dim=1)  # (I, 2)
+        self._check_image_sizes(grid_hw, call_kwargs)
+
+        run_of_token = (torch.cumsum((edges[:, :N] == 1).reshape(-1).long(), 0) - 1).view(B, N).clamp(min=0)
+        position = torch.arange(N, device=device).expand(B, N)
+        zeros = torch.zeros(B, N, dtype=torch.long, device=device)
+        image_index = torch.where(image_tokens, image_of_run[run_of_token], torch.full_like(zeros, -1))
+        rows = torch.where(image_tokens, row_of_run[run_of_token], zeros)
+        cols = torch.where(image_tokens, position - run_start[run_of_token], zeros)
+        return VisionLayout(image_tokens, image_index, rows, cols, grid_hw)
+
+    def _run_ends_image(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                        run_row: torch.Tensor, run_end: torch.Tensor) -> torch.Tensor:
+        """(R,) bool: whether the token after each run is [IMG_END] (else it must be [IMG_BREAK])."""
+        last_in_row = torch.ones_like(run_row, dtype=torch.bool)
+        last_in_row[:-1] = run_row[1:] != run_row[:-1]
+        end_id, break_id = self.image_end_token_id, self.image_break_token_id
+        if input_ids is not None:
+            after = input_ids[run_row, run_end]  # (R,)
+            if end_id is None:
+                found = torch.unique(after[last_in_row]).tolist()
+                if len(found) != 1:
+                    raise ValueError(f"lightkv: cannot tell the [IMG_END] id: the last images of the batch rows end "
+                                     f"with ids {found}; set model.config.image_end_token_id from the processor")
+                end_id = found[0]
+            is_end = after == end_id
+            breaks = after[~is_end]
+            if break_id is None:
+                found = torch.unique(breaks).tolist()
+                if len(found) > 1:
+                    raise ValueError(f"lightkv: rows of [IMG] tokens are followed by ids {found} besides [IMG_END] "
+                                     f"{end_id}; only [IMG_BREAK] may follow a row (set model.config."
+                                     "image_break_token_id / image_end_token_id from the processor)")
+            elif bool((breaks != break_id).any()):
+                raise ValueError(f"lightkv: a row of [IMG] tokens is followed by id {int(breaks[breaks != break_id][0])}"
+                                 f", neither [IMG_BREAK] {break_id} nor [IMG_END] {end_id}")
+            if not bool(is_end[last_in_row].all()):
+                raise ValueError(f"lightkv: an image does not end with [IMG_END] {end_id}")
+            return is_end
+        after = inputs_embeds[run_row, run_end]  # (R, D)
+        if end_id is None:
+            # compare with the token after the last run of the same batch row
+            first_in_row = torch.ones_like(last_in_row)
+            first_in_row[1:] = last_in_row[:-1]
+            row_ordinal = torch.cumsum(first_in_row.long(), 0) - 1
+            row_end = after[torch.nonzero(last_in_row).flatten()[row_ordinal]]
+            is_end = (after == row_end).all(-1)
+        else:
+            is_end = self._embedding_equals(after[None], end_id)[0]
+        breaks = after[~is_end]
+        if breaks.shape[0]:
+            if break_id is None:
+                same = (breaks == breaks[:1]).all(-1)
+            else:
+                same = self._embedding_equals(breaks[None], break_id)[0]
+            if not bool(same.all()):
+                raise ValueError("lightkv: rows of [IMG] tokens are followed by different tokens besides [IMG_END]; "
+                                 "only [IMG_BREAK] may follow a row")
+        if not bool(is_end[last_in_row].all()):
+            raise ValueError("lightkv: an image does not end with [IMG_END]")
+        return is_end
+
+    def _check_image_sizes(self, grid_hw: torch.Tensor, call_kwargs: dict) -> None:
+        sizes = call_kwargs.get("image_sizes")
+        if sizes is None or call_kwargs.get("pixel_values") is None:
+            return
+        sizes = torch.as_tensor(sizes, device=grid_hw.device).reshape(-1, 2)
+        unit = self.model.config.vision_config.patch_size * self.merge_size(self.model.config)
+        expected = torch.div(sizes, unit, rounding_mode="floor")
+        if expected.shape != grid_hw.shape or not torch.equal(expected, grid_hw):
+            raise ValueError(f"lightkv: the prompt's [IMG] rows describe grids {grid_hw.tolist()} (rows, cols), "
+                             f"image_sizes {sizes.tolist()} give {expected.tolist()} (pixels // {unit})")
+
+
+class PixtralLlavaAdapter(Mistral3Adapter):
+    """Pixtral-12B: a LLaVA model whose vision tower is Pixtral; the Mistral3 token layout without a merge."""
+
+    family = "pixtral"
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    model_types = ("llava",)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return super().matches(model) and has_pixtral_tower(getattr(model, "config", None))
+
+    @classmethod
+    def matches_config(cls, config: Any) -> bool:
+        return super().matches_config(config) and has_pixtral_tower(config)
+
+    @classmethod
+    def merge_size(cls, config: Any) -> int:
+        return 1
