@@ -92,6 +92,9 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     model_types = ("llava_next",)
+    # LightKV(window_layout="regrid"): the authors' release re-lays the whole image span (base grid, high-res grid
+    # and newline tokens, in sequence order) on one pseudo-square grid, newlines taking cells but never merged
+    regrid_flattens_image_span = True
 
     @property
     def entry_module(self) -> nn.Module:

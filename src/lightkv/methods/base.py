@@ -274,11 +274,19 @@ class WindowMergeMethod(Method):
         (capped at half a window).
     A stage is skipped for an image with fewer than ``min_tokens_per_window`` x W_s^2 tokens (reference rule);
     a warning names the image grid the first time, per method instance, stage and grid.
+    window_layout (keyword): "original" (default) cuts the windows of every stage on each token's original grid
+        coordinate; "regrid" re-lays the current tokens of each image by rank on a pseudo-square grid at every
+        stage, as the authors' release does (``lightkv.methods._layout``); an adapter with
+        ``regrid_flattens_image_span`` (LLaVA-NeXT / OneVision) makes the unit the whole image span (every run of
+        consecutive vision tokens, newlines included), as that release does for LLaVA-NeXT.
     """
 
     layers: Sequence[int] = (12, 18, 24)
     windows: Sequence[int] = (4, 2, 1)
     ratios: Sequence[float] = (0.5, 0.5, 0.5)
+    window_layout: str = field(default="original", kw_only=True)
+
+    _FLATTEN_SPANS: ClassVar[str] = "window_merge_flatten_spans"  # method_state key set by install's hook
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -305,6 +313,9 @@ class WindowMergeMethod(Method):
             raise ValueError("min_tokens_per_window must be an integer >= 1, got "
                              f"{self.min_tokens_per_window!r}") from None
         set_field(self, "_warned_skips", set())  # (stage, rows, cols) already warned about
+        from ._layout import WINDOW_LAYOUTS
+        if self.window_layout not in WINDOW_LAYOUTS:
+            raise ValueError(f"window_layout must be one of {WINDOW_LAYOUTS}, got {self.window_layout!r}")
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -339,10 +350,40 @@ class WindowMergeMethod(Method):
                 logger.warning(message, *args)
         return active
 
+    def install(self, handle: "Handle | _HandleLike") -> list[Any]:
+        if self.window_layout != "regrid" or not getattr(handle.adapter, "regrid_flattens_image_span", False):
+            return []
+
+        def flatten_spans(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            state = handle.prefill_state()
+            if state is not None:
+                state.method_state[self._FLATTEN_SPANS] = True
+
+        return [handle.adapter.entry_module.register_forward_pre_hook(flatten_spans, with_kwargs=True)]
+
+    def _regrid_groups(self, ctx: StageContext, stage: int) -> torch.Tensor:
+        """Window ids under ``window_layout="regrid"`` (see ``lightkv.methods._layout``)."""
+        from ._layout import regrid_coordinates, vision_runs
+        windows = self.windows[stage]
+        if ctx.method_state.get(self._FLATTEN_SPANS):
+            units, num_units = vision_runs(ctx.vision_mask), ctx.vision_mask.numel()
+        else:
+            units, num_units = ctx.image_index, int(ctx.grid_hw.shape[0])
+        rows, cols, unit_hw, counts = regrid_coordinates(units, num_units)
+        if ctx.method_state.get(self._FLATTEN_SPANS):
+            active = counts >= self.min_tokens_per_window * windows * windows
+        else:
+            active = self._active_images(ctx, stage)
+        mergeable = torch.where(ctx.image_index >= 0, units, -1)
+        return window_groups(mergeable, rows, cols, unit_hw, windows, active)
+
     def reduce(self, ctx: StageContext, stage: int) -> StageResult:
         windows, ratio = self.windows[stage], self.ratios[stage]
-        active = self._active_images(ctx, stage)
-        groups = window_groups(ctx.image_index, ctx.grid_rows, ctx.grid_cols, ctx.grid_hw, windows, active)
+        if self.window_layout == "regrid":
+            groups = self._regrid_groups(ctx, stage)
+        else:
+            active = self._active_images(ctx, stage)
+            groups = window_groups(ctx.image_index, ctx.grid_rows, ctx.grid_cols, ctx.grid_hw, windows, active)
         weights = self.merge_weights(ctx, stage, groups)
         result = bipartite_merge(ctx.hidden, groups, weights, ratio)
         self.merged(ctx, stage, result, weights)
@@ -351,7 +392,14 @@ class WindowMergeMethod(Method):
     def kept_after_each_stage(self, grids: tuple[tuple[int, int], ...]) -> list[int]:
         """Exact when each stage's windows are unions of the previous stage's windows (e.g. 4, 2, 1 on
         24 x 24), since r depends only on window sizes; otherwise survivors are spread over the next stage's
-        windows in proportion to overlap, an estimate. Each image is predicted on its own."""
+        windows in proportion to overlap, an estimate. Each image is predicted on its own. Under
+        ``window_layout="regrid"`` exact (each grid re-laid by rank); a flattened image span (LLaVA-NeXT) is not
+        predicted: its windows depend on where the newline tokens rank."""
+        if self.window_layout == "regrid":
+            from ._layout import regrid_kept_counts
+            per_image = [regrid_kept_counts(h * w, self.windows, self.ratios, self.min_tokens_per_window)
+                         for h, w in grids]
+            return [sum(counts[s] for counts in per_image) for s in range(len(self.layers))]
         per_image = [_window_merge_counts(grid, self.windows, self.ratios, self.min_tokens_per_window)
                      for grid in grids]
         return [sum(counts[s] for counts in per_image) for s in range(len(self.layers))]
