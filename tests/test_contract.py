@@ -28,6 +28,7 @@ from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava
 from lightkv.testing import internvl_prompt, tiny_internvl
 
 from lightkv.testing import mistral3_prompt, tiny_mistral3, tiny_pixtral_llava
+from lightkv.testing import idefics3_prompt, tiny_idefics3
 from lightkv.testing import llava_next_prompt, tiny_llava_next, tiny_llava_onevision
 from helpers import check_batched_equals_unbatched, check_remove_restores, check_text_only_passes_through, generate
 
@@ -114,6 +115,20 @@ FAMILIES["llava_onevision"] = Family(
     (((6, 6), (6, 10)), ((6, 6), (6, 6)), ((3, 3), (3, 3)), ()), unmerged=(6, 2, 1, 0))
 
 
+
+def _idefics3_prompts(model):  # tiles of 4x4 tokens stitched per image (2x3 and 2x1 tiles), a global image each
+    return [idefics3_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], images=[(2, 3)], seed=1),
+            idefics3_prompt(model, [1, 13], [25, 26, 27], images=[(0, 0), (2, 1)], seed=2),
+            idefics3_prompt(model, [1, 14, 15, 16, 17], [28, 29], images=[], seed=3)]
+
+
+IDEFICS3_GRIDS = (((8, 12), (4, 4)), ((4, 4), (8, 4), (4, 4)), ())
+FAMILIES["idefics3"] = Family(lambda attn: tiny_idefics3(num_layers=N_LAYERS, attn_implementation=attn),
+                              _idefics3_prompts, IDEFICS3_GRIDS)
+FAMILIES["smolvlm"] = Family(lambda attn: tiny_idefics3(num_layers=N_LAYERS, attn_implementation=attn, smolvlm=True),
+                             _idefics3_prompts, IDEFICS3_GRIDS)
+
+
 @dataclass(frozen=True)
 class MethodCase:
     make: Callable[[], lightkv.Method]
@@ -152,7 +167,7 @@ METHOD_CASES = {
     "visionzip": MethodCase(lambda: lightkv.VisionZip(dominant=20, contextual=4),
                             lambda: lightkv.VisionZip(dominant=10_000, contextual=0),
                             unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge1")} | {"qwen3_vl": "deepstack"}
-                            | {f: "CLS token" for f in ("mistral3", "pixtral")}
+                            | {f: "CLS token" for f in ("mistral3", "pixtral", "idefics3", "smolvlm")}
                             | {"internvl": "pixel-shuffles"}),
 }
 

@@ -71,6 +71,10 @@ def batch_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
                 "batch_num_images"):
         parts = [p[key] for p in prompts if key in p]
+        if key == "pixel_values" and parts and parts[0].dim() == 5:
+            # Idefics3 / SmolVLM: (1, images, C, H, W) per sample; all-zero images pad the shorter samples
+            most = max(p.shape[1] for p in parts)
+            parts = [torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], dim=1) for p in parts]
         if parts:
             out[key] = torch.cat(parts)
     return out
@@ -455,4 +459,72 @@ def mistral3_prompt(model, text_before: list[int], text_after: list[int], images
             pixels[i, :, :rows * unit, :cols * unit] = torch.randn(3, rows * unit, cols * unit, generator=gen)
         out["pixel_values"] = pixels
         out["image_sizes"] = torch.tensor([[rows * unit, cols * unit] for rows, cols in images])
+    return out
+
+
+# -- Idefics3 / SmolVLM ------------------------------------------------------------------------------------------
+
+__all__ += ["tiny_idefics3", "idefics3_prompt"]
+
+IDEFICS3_IMAGE_TOKEN, IDEFICS3_FAKE_TOKEN, IDEFICS3_GLOBAL_TOKEN, IDEFICS3_NEWLINE = 127, 126, 125, 3
+IDEFICS3_ROW_COL_FIRST = 89  # <row_r_col_c> = 89 + 6 * (r - 1) + (c - 1), r, c in 1..6 (89..124)
+
+
+def tiny_idefics3(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                  vocab_size: int = 128, smolvlm: bool = False):
+    """A random ``Idefics3ForConditionalGeneration`` (``SmolVLMForConditionalGeneration`` with ``smolvlm``): a Llama
+    text model, a SigLIP-style tower on 16-px tiles of 2-px patches, pixel-shuffled by 2 into 4 x 4 tokens."""
+    import transformers
+    from transformers import LlamaConfig
+
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    vision = getattr(transformers, f"{prefix}VisionConfig")(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                            num_attention_heads=2, image_size=16, patch_size=2)
+    text = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, scale_factor=2,
+                                                      image_token_id=IDEFICS3_IMAGE_TOKEN, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    model.set_attn_implementation(attn_implementation)
+    # a random model may emit the image id; an uncached step would then look for image features
+    model.generation_config.suppress_tokens = [IDEFICS3_IMAGE_TOKEN, IDEFICS3_FAKE_TOKEN, IDEFICS3_GLOBAL_TOKEN]
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        for p in model.model.text_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def idefics3_prompt(model, text_before: list[int], text_after: list[int], images: list[tuple[int, int]] = ((2, 3),),
+                    seed: int = 0) -> dict:
+    """Processor-free Idefics3 / SmolVLM inputs (batch 1), as their processors lay them out.
+
+    images: (rows, cols) of tiles of each image, (0, 0) for an image that is not split. Per tile
+    ``<fake><row_r_col_c>`` + S x S ``<image>``, a newline after each row of tiles, then a newline and the global
+    image ``<fake><global-img>`` + S x S ``<image>`` + ``<fake>``; consecutive images are separated by one text
+    token. pixel_values (1, tiles + globals, 3, P, P) random, tiles first, each image's global last.
+    """
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
+    per_tile = [config.image_token_id] * (side * side)
+    ids = list(text_before)
+    for i, (rows, cols) in enumerate(images):
+        if i:
+            ids.append(5 + i)
+        for r in range(rows):
+            for c in range(cols):
+                ids += [IDEFICS3_FAKE_TOKEN, IDEFICS3_ROW_COL_FIRST + 6 * r + c] + per_tile
+            ids.append(IDEFICS3_NEWLINE)
+        if rows:
+            ids.append(IDEFICS3_NEWLINE)
+        ids += [IDEFICS3_FAKE_TOKEN, IDEFICS3_GLOBAL_TOKEN] + per_tile + [IDEFICS3_FAKE_TOKEN]
+    ids += list(text_after)
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    frames = sum(rows * cols + 1 for rows, cols in images)
+    if frames:
+        size = config.vision_config.image_size
+        gen = torch.Generator().manual_seed(seed)
+        out["pixel_values"] = torch.randn(1, frames, 3, size, size, generator=gen)
     return out

@@ -15,6 +15,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .internvl import InternVLAdapter
 from .qwen import Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .mistral3 import Mistral3Adapter, PixtralLlavaAdapter
 
 __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter", "adapter_class_for_config",
@@ -32,6 +33,9 @@ __all__ += ["LlavaNextAdapter", "LlavaOnevisionAdapter"]
 ADAPTERS.insert(ADAPTERS.index(LlavaAdapter), PixtralLlavaAdapter)
 ADAPTERS.append(Mistral3Adapter)
 __all__ += ["Mistral3Adapter", "PixtralLlavaAdapter"]
+
+ADAPTERS.extend([Idefics3Adapter, SmolVLMAdapter])
+__all__ += ["Idefics3Adapter", "SmolVLMAdapter"]
 
 # family -> model class names, following ADAPTERS
 SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {}

@@ -1,0 +1,207 @@
+"""Idefics3 and SmolVLM (``Idefics3ForConditionalGeneration`` / ``Idefics3Model``, ``SmolVLMForConditionalGeneration``
+/ ``SmolVLMModel``): the decoder is ``.text_model``.
+
+Token layout (the Idefics3 / SmolVLM processors): an image split into R x C tiles is, tile by tile in row-major
+order, ``<fake_token_around_image>`` ``<row_r_col_c>`` and one run of S x S ``<image>`` tokens (S = image_size /
+patch_size / scale_factor: 8 for SmolVLM, 13 for Idefics3-8B), a newline after every row of tiles, then the
+downscaled global image: ``<fake_token_around_image>`` ``<global-img>``, S x S ``<image>`` tokens,
+``<fake_token_around_image>``. An image that is not split (and every video frame) is the global part alone.
+Each run is raster order within its tile (the connector's pixel shuffle keeps row-major order).
+
+Grids: the tiles of one image are stitched into one (R * S) x (C * S) grid, so windows may span tile borders
+(a tile alone has 64-169 tokens, too few for merge windows); the global image is its own S x S grid. Markers,
+``<fake_token_around_image>`` and newlines are text: never merged, never counted as vision tokens.
+
+How the adapter learns the arrangement, from the prompt alone (the model never receives it; ``generate``
+drops the pixels at prefill): the token right before each run is its marker. A run behind ``<global-img>``
+closes an image, and the runs since the previous one are its tiles. The ``<global-img>`` id lives in the
+tokenizer, not the config: it is the ``global_image_token_id`` constructor argument, else the same attribute on
+``model.config`` (copy ``processor.global_image_token_id`` there to pin it), else detected per call as the
+marker before the last run of every prompt (the processor always ends an image with its global part). Tiles of
+one row of tiles are two tokens apart (``<fake_token_around_image>`` and the next ``<row_r_col_c>``, both
+special tokens); a newline makes the gap longer, which starts the next row of tiles: C = tiles before the first
+longer gap, R = tiles / C. Runs of another length than S x S, rows of tiles of different lengths, or tiles not
+closed by a global image raise ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Adapter, VisionLayout, is_instance_of
+
+__all__ = ["Idefics3Adapter", "SmolVLMAdapter"]
+
+_TILE_GAP = 2  # <fake_token_around_image> <row_r_col_c> between two tiles of one row of tiles
+
+
+class Idefics3Adapter(Adapter):
+    family = "idefics3"
+    model_classes = ("Idefics3ForConditionalGeneration", "Idefics3Model")
+    model_types = ("idefics3",)
+
+    def __init__(self, model: nn.Module, global_image_token_id: int | None = None):
+        super().__init__(model)
+        if global_image_token_id is None:
+            global_image_token_id = getattr(model.config, "global_image_token_id", None)
+        if global_image_token_id is not None and (isinstance(global_image_token_id, bool)
+                                                  or not isinstance(global_image_token_id, int)):
+            raise ValueError(f"lightkv: global_image_token_id must be a token id or None, got {global_image_token_id!r}")
+        self.global_image_token_id = global_image_token_id
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @property
+    def entry_module(self) -> nn.Module:
+        head = is_instance_of(self.model, self.model_classes[0])  # the class with the LM head, holding ``.model``
+        return self.model.model if head else self.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.entry_module.text_model
+
+    def vision_tower(self) -> nn.Module | None:
+        return getattr(self.entry_module, "vision_model", None)
+
+    def has_cls_token(self) -> bool:
+        return False  # SigLIP-style encoder, no class token
+
+    @classmethod
+    def tile_side(cls, config: Any) -> int | None:
+        """S: tokens per side of one tile (and of the global image)."""
+        vision = getattr(config, "vision_config", None)
+        size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+        scale = getattr(config, "scale_factor", None)
+        if not (isinstance(size, int) and isinstance(patch, int) and isinstance(scale, int)):
+            return None
+        return size // patch // scale
+
+    @classmethod
+    def image_grid(cls, config: Any, max_pixels: int | None = None) -> tuple[int, int] | None:
+        """The stitched tile grid of a square image of ``max_pixels`` pixels (tiles of ``image_size`` px, at least
+        one); one tile (S x S) without ``max_pixels``. The global image adds another S x S grid."""
+        side = cls.tile_side(config)
+        if not side:
+            return None
+        tiles = 1
+        if max_pixels:
+            size = config.vision_config.image_size
+            tiles = max(1, math.ceil(math.isqrt(int(max_pixels)) / size))
+        return side * tiles, side * tiles
+
+    # -- image tokens ----------------------------------------------------------------------------------------
+    def _embedding_equals(self, inputs_embeds: torch.Tensor, token_id: int) -> torch.Tensor:
+        embed = self.entry_module.get_input_embeddings()
+        token = embed(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        return (inputs_embeds == token).all(-1)
+
+    def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                      call_kwargs: dict) -> VisionLayout | None:
+        config = self.model.config
+        if input_ids is not None:
+            image_tokens = input_ids == config.image_token_id
+        else:
+            image_tokens = self._embedding_equals(inputs_embeds, config.image_token_id)
+        if not bool(image_tokens.any()):
+            return None
+        encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if call_kwargs.get("pixel_values") is None and encoded is None:
+            return None  # no features come with these ids: the model embeds them as text, so do we
+        side = self.tile_side(config)
+        if not side:
+            raise ValueError(f"lightkv: cannot tell the tile size of {type(self.model).__name__} from its config "
+                             "(vision image_size, patch_size, scale_factor)")
+        B, N = image_tokens.shape
+        device = image_tokens.device
+
+        padded = torch.nn.functional.pad(image_tokens.long(), (1, 1))
+        edges = padded[:, 1:] - padded[:, :-1]
+        starts = torch.nonzero(edges == 1)  # (R, 2): batch row, first token; batch row-major order
+        run_row, run_start = starts[:, 0], starts[:, 1]
+        run_end = torch.nonzero(edges == -1)[:, 1]
+        lengths = run_end - run_start
+        if bool((lengths != side * side).any()):
+            bad = int(lengths[lengths != side * side][0])
+            raise ValueError(f"lightkv: a run of {bad} image tokens; every tile and global image is {side}x{side} = "
+                             f"{side * side} tokens (pass the processor's output unchanged)")
+        if bool((run_start == 0).any()):
+            raise ValueError("lightkv: a prompt starts with image tokens: every tile or global image follows its "
+                             "marker token")
+        is_global = self._behind_global_marker(input_ids, inputs_embeds, run_row, run_start)
+
+        R = int(run_row.shape[0])
+        run_list = list(zip(run_row.tolist(), run_start.tolist(), run_end.tolist(), is_global.tolist()))
+        image_of_run, tile_row, tile_col = [0] * R, [0] * R, [0] * R
+        grids: list[tuple[int, int]] = []
+        tiles: list[int] = []  # runs of the image in progress (its tiles)
+
+        def close_tiles() -> None:
+            longer_gaps = [i for i in range(1, len(tiles))
+                           if run_list[tiles[i]][1] - run_list[tiles[i - 1]][2] != _TILE_GAP]
+            cols = longer_gaps[0] if longer_gaps else len(tiles)
+            rows = len(tiles) // cols
+            if rows * cols != len(tiles) or longer_gaps != list(range(cols, len(tiles), cols)):
+                raise ValueError(f"lightkv: an image's {len(tiles)} tiles do not form rows of equal length (tiles of "
+                                 "one row are two tokens apart, <fake_token_around_image><row_r_col_c>)")
+            for t, k in enumerate(tiles):
+                tile_row[k], tile_col[k], image_of_run[k] = t // cols, t % cols, len(grids)
+            grids.append((rows * side, cols * side))
+
+        for k, (row, _, _, glob) in enumerate(run_list):
+            if tiles and run_list[tiles[0]][0] != row:
+                raise ValueError("lightkv: tiles of an image are not followed by its global image (<global-img>)")
+            if not glob:
+                tiles.append(k)
+                continue
+            if tiles:
+                close_tiles()
+            tiles = []
+            image_of_run[k] = len(grids)
+            grids.append((side, side))
+        if tiles:
+            raise ValueError("lightkv: tiles of an image are not followed by its global image (<global-img>)")
+        image_of_run_t, tile_row_t, tile_col_t = (torch.tensor(v, dtype=torch.long, device=device)
+                                                  for v in (image_of_run, tile_row, tile_col))
+
+        run_of_token = (torch.cumsum((edges[:, :N] == 1).reshape(-1).long(), 0) - 1).view(B, N).clamp(min=0)
+        local = torch.arange(N, device=device).expand(B, N) - run_start[run_of_token]
+        zeros = torch.zeros(B, N, dtype=torch.long, device=device)
+        image_index = torch.where(image_tokens, image_of_run_t[run_of_token], torch.full_like(zeros, -1))
+        rows = torch.where(image_tokens, tile_row_t[run_of_token] * side + torch.div(local, side, rounding_mode="floor"),
+                           zeros)
+        cols = torch.where(image_tokens, tile_col_t[run_of_token] * side + local % side, zeros)
+        grid_hw = torch.tensor(grids, dtype=torch.long, device=device).view(-1, 2)
+        return VisionLayout(image_tokens, image_index, rows, cols, grid_hw)
+
+    def _behind_global_marker(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                              run_row: torch.Tensor, run_start: torch.Tensor) -> torch.Tensor:
+        """(R,) bool: whether the token before each run is ``<global-img>``."""
+        last_in_row = torch.ones_like(run_row, dtype=torch.bool)
+        last_in_row[:-1] = run_row[1:] != run_row[:-1]
+        global_id = self.global_image_token_id
+        if input_ids is not None:
+            marker = input_ids[run_row, run_start - 1]
+            if global_id is None:
+                found = torch.unique(marker[last_in_row]).tolist()
+                if len(found) != 1:
+                    raise ValueError(f"lightkv: cannot tell the <global-img> id: the last images of the batch rows "
+                                     f"follow ids {found}; set model.config.global_image_token_id from the processor")
+                global_id = found[0]
+            return marker == global_id
+        marker = inputs_embeds[run_row, run_start - 1]  # (R, D)
+        if global_id is not None:
+            return self._embedding_equals(marker[None], global_id)[0]
+        reference = marker[last_in_row]
+        if not bool((reference == reference[:1]).all()):
+            raise ValueError("lightkv: cannot tell the <global-img> token: the last images of the batch rows follow "
+                             "different tokens; set model.config.global_image_token_id from the processor")
+        return (marker == reference[:1]).all(-1)
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    family = "smolvlm"
+    model_classes = ("SmolVLMForConditionalGeneration", "SmolVLMModel")
+    model_types = ("smolvlm",)
