@@ -167,3 +167,36 @@ def test_llava_next_regrid_flattens_the_whole_image_span():
     assert crossed_grids  # a window of the flattened square holds base and high-res tokens
     newlines = (layout.vision_mask & (layout.image_index < 0)).sum(1)
     assert bool(((alive & layout.vision_mask & (layout.image_index < 0)).sum(1) == newlines).all())
+
+
+# -- LightKV.reference -------------------------------------------------------------------------------------------
+
+
+def test_reference_preset_is_the_papers_schedule_scaled_by_depth():
+    from transformers import InternVLConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
+
+    llava = lightkv.LightKV.reference(LlavaConfig())  # Vicuna-7B depth: 32 layers
+    assert (llava.layers, llava.windows, llava.ratios) == ((12, 18, 24), (4, 2, 1), (0.5, 0.5, 0.5))
+    assert (llava.positions, llava.window_layout, llava.guidance) == ("original", "original", "faithful")
+    assert lightkv.LightKV.reference(LlavaNextConfig()).layers == (12, 18, 24)
+    qwen = lightkv.LightKV.reference(Qwen2_5_VLConfig(text_config=dict(num_hidden_layers=28)), exact=True)
+    assert (qwen.layers, qwen.windows) == ((12, 17, 22), (6, 4, 2))
+    assert (qwen.positions, qwen.window_layout) == ("compact", "regrid")  # the authors' release
+    assert lightkv.LightKV.reference(Qwen2_5_VLConfig(text_config=dict(num_hidden_layers=36))).layers == (15, 21, 28)
+    assert lightkv.LightKV.reference(tiny_llava(num_layers=4, grid=8)).layers == (1, 2, 3)  # kept increasing
+    with pytest.raises(ValueError, match="too shallow"):
+        lightkv.LightKV.reference(tiny_llava(num_layers=2, grid=8))
+    with pytest.raises(ValueError, match="internvl"):
+        lightkv.LightKV.reference(InternVLConfig())
+    with pytest.raises(TypeError, match="exact"):
+        lightkv.LightKV.reference(LlavaConfig(), exact="yes")
+
+
+def test_exact_reference_runs_and_keeps_the_predicted_counts():
+    model = tiny_llava(num_layers=8, grid=12)
+    method = lightkv.LightKV.reference(model, exact=True)  # layers 3, 4, 6; windows 4, 2, 1
+    inputs = llava_prompt(model, [1, 10], [20, 21], seed=1)
+    with lightkv.apply(model, method) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.stats.vision_tokens == [method.kept_per_layer(8, [(12, 12)])]
+    assert handle.stats.vision_tokens[0][-1] < 144

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from ..guidance import GUIDANCE_MODES, faithful_guidance, text_to_vision_guidance
@@ -24,6 +26,9 @@ class LightKV(WindowMergeMethod):
     guidance: "faithful" (paper), "uniform" (g = 1, vision-only merge) or "text_to_vision".
     min_tokens_per_window: a stage is skipped for an image with fewer than this many tokens per window
         (8 in the reference code).
+    window_layout (keyword): "original" (default, windows on original grid coordinates) or "regrid" (the
+        authors' release: survivors re-laid by rank on a pseudo-square grid at every stage); see README.
+    ``LightKV.reference(model)``: the paper's schedule for the model's family and depth.
     """
 
     guidance: str = "faithful"
@@ -33,6 +38,46 @@ class LightKV(WindowMergeMethod):
         super().__post_init__()
         if self.guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
+
+    @classmethod
+    def reference(cls, model: Any, exact: bool = False) -> "LightKV":
+        """The paper's settings for ``model`` (a model, or its config): LLaVA-1.5 / LLaVA-NeXT-7B stages after
+        layers 12, 18, 24 of 32 with 4, 2, 1 windows per side; Qwen2.5-VL-7B after 12, 17, 22 of 28 with 6, 4, 2;
+        ratios 0.5, faithful guidance. Other depths scale the layers (floor(layer x depth / reference depth),
+        kept strictly increasing). LLaVA-OneVision takes LLaVA's schedule, Qwen2-VL / Qwen3-VL Qwen2.5-VL's;
+        other families raise ValueError. exact=True reproduces the authors' release: positions="compact" and
+        window_layout="regrid"; False keeps lightkv's defaults (original positions and windows).
+        """
+        from ..adapters import adapter_class_for_config, get_adapter
+
+        if not isinstance(exact, bool):
+            raise TypeError(f"exact must be True or False, got {exact!r}")
+        if hasattr(model, "config") and callable(getattr(model, "forward", None)):
+            adapter = get_adapter(model)
+            family, depth = adapter.family, len(adapter.decoder_layers)
+        else:
+            adapter_cls = adapter_class_for_config(model)
+            if adapter_cls is None:
+                raise ValueError(f"LightKV.reference: no lightkv adapter knows a config of model_type "
+                                 f"{getattr(model, 'model_type', None)!r}")
+            text = getattr(model, "text_config", None) or model
+            family, depth = adapter_cls.family, getattr(text, "num_hidden_layers", None)
+            if not isinstance(depth, int):
+                raise ValueError("LightKV.reference: the config does not give the decoder depth (num_hidden_layers)")
+        schedule = _PAPER_SCHEDULES.get(family)
+        if schedule is None:
+            raise ValueError(f"LightKV.reference: the paper gives settings for LLaVA-1.5 / LLaVA-NeXT and "
+                             f"Qwen2.5-VL (and their kin {sorted(_PAPER_SCHEDULES)}), not for the {family!r} family; "
+                             "build LightKV(layers=..., windows=..., ratios=...) yourself")
+        reference_depth, reference_layers, windows = schedule
+        layers: list[int] = []
+        for layer in reference_layers:
+            layers.append(max(layer * depth // reference_depth, layers[-1] + 1 if layers else 0))
+        if layers[-1] >= depth:
+            raise ValueError(f"LightKV.reference: a decoder of {depth} layers is too shallow for the paper's "
+                             f"{len(reference_layers)} stages")
+        extra = dict(positions="compact", window_layout="regrid") if exact else {}
+        return cls(layers=layers, windows=windows, ratios=(0.5,) * len(layers), **extra)
 
     @property
     def needs_attention(self) -> bool:
@@ -46,6 +91,13 @@ class LightKV(WindowMergeMethod):
         if self.guidance == "faithful":
             return faithful_guidance(q, k, prompt, ctx.token_valid, scaling)
         return text_to_vision_guidance(q, k, prompt & ctx.after_first_image(), ctx.token_valid, scaling)
+
+
+# family -> (reference depth, stage layers at that depth, windows per side): the paper's settings
+_LLAVA_SCHEDULE = (32, (12, 18, 24), (4, 2, 1))
+_QWEN_SCHEDULE = (28, (12, 17, 22), (6, 4, 2))
+_PAPER_SCHEDULES = {"llava": _LLAVA_SCHEDULE, "llava_next": _LLAVA_SCHEDULE, "llava_onevision": _LLAVA_SCHEDULE,
+                    "qwen2_vl": _QWEN_SCHEDULE, "qwen2_5_vl": _QWEN_SCHEDULE, "qwen3_vl": _QWEN_SCHEDULE}
 
 
 register_method("lightkv", LightKV, matcher=window_merge_matcher(LightKV))

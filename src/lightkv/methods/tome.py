@@ -26,6 +26,7 @@ class ToMe(WindowMergeMethod):
         x_b <- (s_b x_b + sum_a s_a x_a) / (s_b + sum_a s_a) and s_b <- s_b + sum_a s_a, sizes carried
         across stages (``StageContext.token_state``). ToMe's proportional attention (adding log s to the
         attention logits) is not applied: the decoder's attention runs unchanged.
+    window_layout (keyword): "original" or "regrid", as in ``LightKV``.
     """
 
     min_tokens_per_window: int = 8
