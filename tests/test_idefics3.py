@@ -1,0 +1,129 @@
+"""Idefics3 / SmolVLM specifics (the shared contracts are in test_contract.py): the tiles of an image stitched
+into one grid from the prompt's markers, the global image its own grid, markers stay text, the <global-img> id
+pinned or detected, and clear errors for prompts that break the layout."""
+
+import pytest
+import torch
+
+import lightkv
+from lightkv.adapters import get_adapter
+from lightkv.core import window_index
+from lightkv.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter
+from lightkv.testing import (IDEFICS3_FAKE_TOKEN, IDEFICS3_GLOBAL_TOKEN, IDEFICS3_NEWLINE, IDEFICS3_ROW_COL_FIRST,
+                             batch_prompts, idefics3_prompt, tiny_idefics3)
+
+S = 4  # tokens per tile side in the tiny models
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_idefics3(num_layers=2)
+
+
+def _layout(model, inputs, adapter=None):
+    adapter = adapter or get_adapter(model)
+    return adapter.vision_layout(inputs["input_ids"], None, inputs)
+
+
+def test_tiles_are_stitched_into_one_grid_and_the_global_image_is_its_own(model):
+    inputs = idefics3_prompt(model, [1, 10], [20], images=[(2, 3)])
+    layout = _layout(model, inputs)
+    assert layout.grid_hw.tolist() == [[2 * S, 3 * S], [S, S]]
+    ids = inputs["input_ids"][0]
+    image = layout.image_index[0]
+    for r in range(2):
+        for c in range(3):
+            marker = torch.nonzero(ids == IDEFICS3_ROW_COL_FIRST + 6 * r + c).flatten()
+            assert marker.numel() == 1
+            tile = slice(int(marker) + 1, int(marker) + 1 + S * S)  # the run right behind <row_r_col_c>
+            assert (image[tile] == 0).all()
+            local = torch.arange(S * S)
+            assert torch.equal(layout.grid_rows[0, tile], r * S + local // S)
+            assert torch.equal(layout.grid_cols[0, tile], c * S + local % S)
+    glob = int(torch.nonzero(ids == IDEFICS3_GLOBAL_TOKEN).flatten()) + 1
+    assert (image[glob:glob + S * S] == 1).all()
+    assert torch.equal(layout.grid_rows[0, glob:glob + S * S], torch.arange(S * S) // S)
+    markers = (ids == IDEFICS3_FAKE_TOKEN) | (ids == IDEFICS3_GLOBAL_TOKEN) | (ids == IDEFICS3_NEWLINE) \
+        | ((ids >= IDEFICS3_ROW_COL_FIRST) & (ids < IDEFICS3_ROW_COL_FIRST + 36))
+    assert not layout.vision_mask[0][markers].any() and (image[markers] == -1).all()
+
+
+def test_pinned_detected_and_embedding_layouts_agree(model):
+    inputs = batch_prompts([idefics3_prompt(model, [1, 10], [20], images=[(1, 2), (0, 0)], seed=1),
+                            idefics3_prompt(model, [1, 13], [25], images=[(3, 1)], seed=2)])
+    detected = _layout(model, inputs)
+    assert detected.grid_hw.tolist() == [[S, 2 * S], [S, S], [S, S], [3 * S, S], [S, S]]
+    pinned = _layout(model, inputs, Idefics3Adapter(model, global_image_token_id=IDEFICS3_GLOBAL_TOKEN))
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    from_embeds = get_adapter(model).vision_layout(None, embeds, inputs)
+    for other in (pinned, from_embeds):
+        for name in ("vision_mask", "image_index", "grid_rows", "grid_cols", "grid_hw"):
+            assert torch.equal(getattr(other, name), getattr(detected, name)), name
+
+
+def test_config_pins_the_global_id(model):
+    model.config.global_image_token_id = IDEFICS3_FAKE_TOKEN  # wrong on purpose: no run follows it
+    try:
+        inputs = idefics3_prompt(model, [1, 10], [20], images=[(1, 2)])
+        with pytest.raises(ValueError, match="global image"):
+            _layout(model, inputs)
+    finally:
+        del model.config.global_image_token_id
+
+
+def _tile(r, c):
+    return [IDEFICS3_FAKE_TOKEN, IDEFICS3_ROW_COL_FIRST + 6 * r + c] + [127] * (S * S)
+
+
+GLOBAL = [IDEFICS3_NEWLINE, IDEFICS3_FAKE_TOKEN, IDEFICS3_GLOBAL_TOKEN] + [127] * (S * S) + [IDEFICS3_FAKE_TOKEN]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("short run", "run of 15 image tokens"),
+    ("rows of different lengths", "rows of equal length"),
+    ("no global image", "global image"),
+])
+def test_a_prompt_that_breaks_the_layout_is_a_clear_error(model, case, message):
+    body = {
+        "short run": [IDEFICS3_FAKE_TOKEN, IDEFICS3_GLOBAL_TOKEN] + [127] * (S * S - 1) + [IDEFICS3_FAKE_TOKEN],
+        "rows of different lengths": _tile(0, 0) + _tile(0, 1) + [IDEFICS3_NEWLINE] + _tile(1, 0) + GLOBAL,
+        # the last run of the prompt decides the global id: here a tile of an image whose global part is missing
+        "no global image": _tile(0, 0) + GLOBAL + [21] + _tile(0, 0) + _tile(0, 1),
+    }[case]
+    ids = torch.tensor([[1, 10] + body + [20]])
+    pinned = Idefics3Adapter(model, global_image_token_id=IDEFICS3_GLOBAL_TOKEN)
+    with pytest.raises(ValueError, match=message):
+        pinned.vision_layout(ids, None, {"pixel_values": torch.ones(1, 1, 3, 16, 16)})
+
+
+def test_image_ids_without_features_are_text(model):
+    inputs = idefics3_prompt(model, [1, 10], [20], images=[(1, 2)])
+    assert get_adapter(model).vision_layout(inputs["input_ids"], None, {}) is None
+
+
+def test_adapters_and_families():
+    smol = tiny_idefics3(num_layers=2, smolvlm=True)
+    assert type(get_adapter(smol)) is SmolVLMAdapter
+    assert get_adapter(smol).language_model is smol.model.text_model
+    assert Idefics3Adapter.image_grid(smol.config) == (S, S)
+    assert Idefics3Adapter.image_grid(smol.config, max_pixels=40 * 40) == (3 * S, 3 * S)  # 3 x 3 tiles of 16 px
+    assert lightkv.SUPPORTED_FAMILIES["idefics3"] == ("Idefics3ForConditionalGeneration", "Idefics3Model")
+    assert lightkv.SUPPORTED_FAMILIES["smolvlm"] == ("SmolVLMForConditionalGeneration", "SmolVLMModel")
+
+
+def test_windows_span_tile_borders(model):
+    """Merge windows cut the stitched grid, not each tile: with 3 windows per side over 2x2 tiles of 4x4 tokens,
+    the middle windows hold tokens of several tiles (a 16-token tile alone could not be cut so)."""
+    inputs = idefics3_prompt(model, [1, 10], [20], images=[(2, 2)])
+    layout = _layout(model, inputs)
+    tiles = layout.image_index[0] == 0
+    rows, cols = layout.grid_rows[0][tiles], layout.grid_cols[0][tiles]
+    grid = layout.grid_hw[0]
+    window = window_index(rows, cols, grid[0], grid[1], 3)
+    tile_of = (rows // S) * 2 + cols // S
+    middle = window == 4
+    assert int(middle.sum()) == 9 and set(tile_of[middle].tolist()) == {0, 1, 2, 3}  # rows and cols 3..5
+    with lightkv.apply(model, lightkv.ToMe(layers=[0], windows=[3], ratios=[0.5])) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.stats.vision_tokens[0] == lightkv.ToMe(layers=[0], windows=[3], ratios=[0.5]).kept_per_layer(
+        2, ((2 * S, 2 * S), (S, S)))
