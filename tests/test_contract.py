@@ -26,6 +26,7 @@ from lightkv.core import window_index
 from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl, \
     tiny_qwen3_vl
 from lightkv.testing import internvl_prompt, tiny_internvl
+from lightkv.testing import glm4v_prompt, tiny_glm4v
 
 from lightkv.testing import mistral3_prompt, tiny_mistral3, tiny_pixtral_llava
 from lightkv.testing import idefics3_prompt, tiny_idefics3
@@ -65,10 +66,27 @@ def _internvl_prompts(model):  # an image of 2 tiles + thumbnail; images of 1 an
             internvl_prompt(model, [1, 14, 15, 16, 17], [28, 29], tiles=[], seed=3)]
 
 
+def _glm4v_prompts(model):  # no video: GLM-4V fills image and video features by one token id, so transformers
+    # cannot run a batch that mixes them (tests/test_glm4v.py runs videos alone)
+    return [glm4v_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], images=[(6, 8)], seed=1),
+            glm4v_prompt(model, [1, 13], [25, 26, 27], images=[(4, 10), (8, 4)], seed=2),
+            glm4v_prompt(model, [1, 14, 15, 16, 17], [28, 29], images=[], seed=3)]
+
+
+GLM4V_GRIDS = (((6, 8),), ((4, 10), (8, 4)), ())
+
+
 FAMILIES = {
     # each tile (thumbnail included) is its own 8x8 grid
     "internvl": Family(lambda attn: tiny_internvl(num_layers=N_LAYERS, attn_implementation=attn), _internvl_prompts,
                        (((8, 8),) * 3, ((8, 8),) * 3, ())),
+    # GLM-4.1V, GLM-4.5V (MoE text model), GLM-4.6V: partial rotary, video frames under the image id
+    "glm4v": Family(lambda attn: tiny_glm4v(num_layers=N_LAYERS, attn_implementation=attn), _glm4v_prompts,
+                    GLM4V_GRIDS),
+    "glm4v_moe": Family(lambda attn: tiny_glm4v(num_layers=N_LAYERS, attn_implementation=attn, variant="glm4v_moe"),
+                        _glm4v_prompts, GLM4V_GRIDS),
+    "glm46v": Family(lambda attn: tiny_glm4v(num_layers=N_LAYERS, attn_implementation=attn, variant="glm46v"),
+                     _glm4v_prompts, GLM4V_GRIDS),
     "llava": Family(lambda attn: tiny_llava(num_layers=N_LAYERS, grid=8, attn_implementation=attn), _llava_prompts,
                     (((8, 8),), ((8, 8), (8, 8)), ())),
     "qwen2_vl": Family(lambda attn: tiny_qwen2_vl(num_layers=N_LAYERS, attn_implementation=attn), _qwen_prompts,
@@ -168,7 +186,8 @@ METHOD_CASES = {
                             lambda: lightkv.VisionZip(dominant=10_000, contextual=0),
                             unsupported={f: "CLS token" for f in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_vl_merge1")} | {"qwen3_vl": "deepstack"}
                             | {f: "CLS token" for f in ("mistral3", "pixtral", "idefics3", "smolvlm")}
-                            | {"internvl": "pixel-shuffles"}),
+                            | {"internvl": "pixel-shuffles"}
+                            | {f: "CLS token" for f in ("glm4v", "glm4v_moe", "glm46v")}),
 }
 
 METHOD_CASES["visionzip"].unsupported.update({"llava_next": "crops", "llava_onevision": "CLS token"})

@@ -528,3 +528,105 @@ def idefics3_prompt(model, text_before: list[int], text_after: list[int], images
         gen = torch.Generator().manual_seed(seed)
         out["pixel_values"] = torch.randn(1, frames, 3, size, size, generator=gen)
     return out
+
+
+# -- GLM-4.1V / GLM-4.5V / GLM-4.6V --------------------------------------------------------------------------------
+
+__all__ += ["tiny_glm4v", "glm4v_prompt"]
+
+GLM_IMAGE_TOKEN, GLM_VIDEO_TOKEN = 127, 126
+GLM_IMAGE_START, GLM_IMAGE_END, GLM_VIDEO_START, GLM_VIDEO_END = 122, 123, 124, 125
+_GLM_CLASSES = {"glm4v": ("Glm4vConfig", "Glm4vForConditionalGeneration"),
+                "glm4v_moe": ("Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration"),
+                "glm46v": ("Glm46VConfig", "Glm46VForConditionalGeneration")}
+
+
+def tiny_glm4v(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+               vocab_size: int = 128, variant: str = "glm4v"):
+    """A random GLM-4V model: ``variant`` "glm4v" (GLM-4.1V), "glm4v_moe" (GLM-4.5V: MoE text model, 4 experts)
+    or "glm46v" (GLM-4.6V). GQA text model with 3-D M-RoPE on half of each head's dims (partial rotary 0.5),
+    vision tower with patch 2, spatial merge 2, temporal patch 2."""
+    import transformers
+
+    if variant not in _GLM_CLASSES:
+        raise ValueError(f"variant must be one of {sorted(_GLM_CLASSES)}, got {variant!r}")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=hidden_size, image_size=16)
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "partial_rotary_factor": 0.5})
+    if variant == "glm4v_moe":
+        text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1)
+    if variant == "glm46v":  # sub-configs by model type
+        vision, text = dict(vision, model_type="glm4v_vision"), dict(text, model_type="glm4v_text")
+    config_cls, model_cls = (getattr(transformers, name) for name in _GLM_CLASSES[variant])
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=GLM_IMAGE_TOKEN,
+                        video_token_id=GLM_VIDEO_TOKEN, image_start_token_id=GLM_IMAGE_START,
+                        image_end_token_id=GLM_IMAGE_END, video_start_token_id=GLM_VIDEO_START,
+                        video_end_token_id=GLM_VIDEO_END)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.set_attn_implementation(attn_implementation)
+    # a random model may emit the placeholder ids; an uncached step would then look for their features
+    model.generation_config.suppress_tokens = [GLM_IMAGE_TOKEN, GLM_VIDEO_TOKEN, GLM_IMAGE_START, GLM_IMAGE_END,
+                                               GLM_VIDEO_START, GLM_VIDEO_END]
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def glm4v_prompt(model, text_before: list[int], text_after: list[int], images: list[tuple[int, int]] = ((6, 8),),
+                 videos: list[tuple[int, int, int]] = (), seed: int = 0) -> dict:
+    """Processor-free GLM-4V inputs (batch 1), as ``Glm4vProcessor`` lays them out.
+
+    images: (rows, cols) token grid of each image after spatial merging, between ``<|begin_of_image|>`` and
+    ``<|end_of_image|>``, consecutive images separated by one text token. videos: (frames, rows, cols):
+    ``<|begin_of_video|>``, then per frame the image markers around rows x cols tokens of the *image* token id
+    and a timestamp token, then ``<|end_of_video|>``. Returns input_ids, attention_mask, mm_token_type_ids
+    (0 text, 1 image, 2 video), pixel_values / image_grid_thw and pixel_values_videos / video_grid_thw (grids
+    in patches; a video's t counts frames) with random pixels.
+    """
+    config = model.config
+    vision = config.vision_config
+    merge, patch, temporal = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+    patch_dim = vision.in_channels * temporal * patch * patch
+    gen = torch.Generator().manual_seed(seed)
+    ids, types = list(text_before), [0] * len(text_before)
+
+    def add(tokens: list[int], kind: int = 0) -> None:
+        ids.extend(tokens)
+        types.extend([kind] * len(tokens))
+
+    image_grids, video_grids = [], []
+    for i, (rows, cols) in enumerate(images):
+        if i:
+            add([5 + i])
+        add([GLM_IMAGE_START])
+        add([config.image_token_id] * (rows * cols), 1)
+        add([GLM_IMAGE_END])
+        image_grids.append([1, rows * merge, cols * merge])
+    for frames, rows, cols in videos:
+        add([GLM_VIDEO_START])
+        for f in range(frames):
+            add([GLM_IMAGE_START])
+            add([config.image_token_id] * (rows * cols), 2)
+            add([GLM_IMAGE_END, 30 + f])
+        add([GLM_VIDEO_END])
+        video_grids.append([frames, rows * merge, cols * merge])
+    add(list(text_after))
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "mm_token_type_ids": torch.tensor([types])}
+    if image_grids:
+        grid = torch.tensor(image_grids)
+        out["pixel_values"] = torch.randn(int(grid.prod(1).sum()), patch_dim, generator=gen)
+        out["image_grid_thw"] = grid
+    if video_grids:
+        grid = torch.tensor(video_grids)
+        out["pixel_values_videos"] = torch.randn(int(grid.prod(1).sum()), patch_dim, generator=gen)
+        out["video_grid_thw"] = grid
+    return out

@@ -14,17 +14,19 @@ from .base import Adapter, VisionLayout, is_instance_of
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .internvl import InternVLAdapter
+from .glm4v import Glm4vAdapter, Glm4vMoeAdapter, Glm46VAdapter
 from .qwen import Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .mistral3 import Mistral3Adapter, PixtralLlavaAdapter
 
 __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter", "adapter_class_for_config",
            "register_adapter", "is_instance_of", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter",
-           "Qwen3VLAdapter", "InternVLAdapter"]
+           "Qwen3VLAdapter", "InternVLAdapter", "Glm4vAdapter", "Glm4vMoeAdapter", "Glm46VAdapter"]
 
 # The registry, in matching order (the first adapter that fits a model wins). Changed in place only, by
 # ``register_adapter``, so that every module holding a reference sees registrations.
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, InternVLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, InternVLAdapter,
+                                 Glm4vAdapter, Glm4vMoeAdapter, Glm46VAdapter]
 
 ADAPTERS.extend([LlavaNextAdapter, LlavaOnevisionAdapter])
 __all__ += ["LlavaNextAdapter", "LlavaOnevisionAdapter"]
