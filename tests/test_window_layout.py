@@ -182,10 +182,13 @@ def test_reference_preset_is_the_papers_schedule_scaled_by_depth():
     qwen = lightkv.LightKV.reference(Qwen2_5_VLConfig(text_config=dict(num_hidden_layers=28)), exact=True)
     assert (qwen.layers, qwen.windows) == ((12, 17, 22), (6, 4, 2))
     assert (qwen.positions, qwen.window_layout) == ("compact", "regrid")  # the authors' release
-    assert lightkv.LightKV.reference(Qwen2_5_VLConfig(text_config=dict(num_hidden_layers=36))).layers == (15, 21, 28)
-    assert lightkv.LightKV.reference(tiny_llava(num_layers=4, grid=8)).layers == (1, 2, 3)  # kept increasing
+    # other depths: the benchmark specs' scaling (a stage on the last layer is dropped, with its windows)
+    assert lightkv.LightKV.reference(Qwen2_5_VLConfig(text_config=dict(num_hidden_layers=36))).layers == (16, 22, 29)
+    assert lightkv.LightKV.reference(LlavaConfig(text_config=dict(num_hidden_layers=40))).layers == (15, 23, 30)
+    small = lightkv.LightKV.reference(tiny_llava(num_layers=4, grid=8))
+    assert (small.layers, small.windows, small.ratios) == ((1, 2), (4, 2), (0.5, 0.5))
     with pytest.raises(ValueError, match="too shallow"):
-        lightkv.LightKV.reference(tiny_llava(num_layers=2, grid=8))
+        lightkv.LightKV.reference(tiny_llava(num_layers=1, grid=8))
     with pytest.raises(ValueError, match="internvl"):
         lightkv.LightKV.reference(InternVLConfig())
     with pytest.raises(TypeError, match="exact"):
@@ -194,7 +197,8 @@ def test_reference_preset_is_the_papers_schedule_scaled_by_depth():
 
 def test_exact_reference_runs_and_keeps_the_predicted_counts():
     model = tiny_llava(num_layers=8, grid=12)
-    method = lightkv.LightKV.reference(model, exact=True)  # layers 3, 4, 6; windows 4, 2, 1
+    method = lightkv.LightKV.reference(model, exact=True)  # layers 2, 4, 5; windows 4, 2, 1
+    assert method.layers == (2, 4, 5)
     inputs = llava_prompt(model, [1, 10], [20, 21], seed=1)
     with lightkv.apply(model, method) as handle, torch.no_grad():
         model(**inputs)

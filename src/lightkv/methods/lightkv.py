@@ -43,12 +43,14 @@ class LightKV(WindowMergeMethod):
     def reference(cls, model: Any, exact: bool = False) -> "LightKV":
         """The paper's settings for ``model`` (a model, or its config): LLaVA-1.5 / LLaVA-NeXT-7B stages after
         layers 12, 18, 24 of 32 with 4, 2, 1 windows per side; Qwen2.5-VL-7B after 12, 17, 22 of 28 with 6, 4, 2;
-        ratios 0.5, faithful guidance. Other depths scale the layers (floor(layer x depth / reference depth),
-        kept strictly increasing). LLaVA-OneVision takes LLaVA's schedule, Qwen2-VL / Qwen3-VL Qwen2.5-VL's;
+        ratios 0.5, faithful guidance. Other depths scale the layers as the benchmark specs do
+        (``lightkv.perf.specs.scale_layers``: same share of layers before, between and after the stages; a stage
+        that would land on the last layer is dropped, with its windows). LLaVA-OneVision takes LLaVA's schedule, Qwen2-VL / Qwen3-VL Qwen2.5-VL's;
         other families raise ValueError. exact=True reproduces the authors' release: positions="compact" and
         window_layout="regrid"; False keeps lightkv's defaults (original positions and windows).
         """
         from ..adapters import adapter_class_for_config, get_adapter
+        from ..perf.specs import scale_layers
 
         if not isinstance(exact, bool):
             raise TypeError(f"exact must be True or False, got {exact!r}")
@@ -70,14 +72,12 @@ class LightKV(WindowMergeMethod):
                              f"Qwen2.5-VL (and their kin {sorted(_PAPER_SCHEDULES)}), not for the {family!r} family; "
                              "build LightKV(layers=..., windows=..., ratios=...) yourself")
         reference_depth, reference_layers, windows = schedule
-        layers: list[int] = []
-        for layer in reference_layers:
-            layers.append(max(layer * depth // reference_depth, layers[-1] + 1 if layers else 0))
-        if layers[-1] >= depth:
+        layers = scale_layers(reference_layers, reference_depth, depth)
+        if not layers:
             raise ValueError(f"LightKV.reference: a decoder of {depth} layers is too shallow for the paper's "
-                             f"{len(reference_layers)} stages")
+                             f"stages {list(reference_layers)} of {reference_depth}")
         extra = dict(positions="compact", window_layout="regrid") if exact else {}
-        return cls(layers=layers, windows=windows, ratios=(0.5,) * len(layers), **extra)
+        return cls(layers=layers, windows=windows[:len(layers)], ratios=(0.5,) * len(layers), **extra)
 
     @property
     def needs_attention(self) -> bool:
