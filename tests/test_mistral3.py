@@ -158,3 +158,70 @@ def test_without_the_scale_the_guidance_weights_would_differ(model, monkeypatch)
         out = model(**inputs, output_attentions=True)
     q, k, scaling = method.seen[0]
     assert not torch.allclose(_weights(q, k, scaling), out.attentions[1], rtol=1e-4, atol=1e-5)
+
+
+# -- with the family's own image processor and a tokenizer from a tiny vocabulary ---------------------------------
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, 125)] + ["[IMG_BREAK]", "[IMG_END]", "[IMG]"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["[IMG]", "[IMG_BREAK]", "[IMG_END]"])  # matched inside "[IMG][IMG]..." runs
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _processor_inputs(model, texts, images):
+    """What ``PixtralProcessor`` returns (its module needs torchvision): its PIL image processor
+    (``PixtralImageProcessorPil``) resizes and pads the images, and each ``[IMG]`` placeholder becomes the
+    processor's expansion (``PixtralProcessor.replace_image_token``): H // unit rows of W // unit ``[IMG]`` and
+    an ``[IMG_BREAK]``, the last one replaced by ``[IMG_END]``."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    unit = model.config.vision_config.patch_size * model.config.spatial_merge_size
+    pixels = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": unit, "width": unit})(
+        [image for row in images for image in row], return_tensors="pt")
+    expanded, index = [], 0
+    for text in texts:
+        parts = text.split("[IMG]")
+        out = parts[0]
+        for part in parts[1:]:
+            height, width = pixels["image_sizes"][index].tolist()
+            tokens = (["[IMG]"] * (width // unit) + ["[IMG_BREAK]"]) * (height // unit)
+            tokens[-1] = "[IMG_END]"
+            out += " " + "".join(tokens) + " " + part
+            index += 1
+        expanded.append(out)
+    batch = _tokenizer()(expanded, return_tensors="pt", padding=True, padding_side="left")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+
+
+def test_generate_from_processor_output():
+    import numpy as np
+    from PIL import Image
+
+    from helpers import generate
+
+    model = tiny_mistral3(num_layers=4)
+    rng = np.random.default_rng(0)
+    wide, tall = (Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in ((24, 32, 3), (40, 16, 3)))
+    inputs = _processor_inputs(model, ["w10 w11 [IMG] w20 w21", "w12 [IMG] w13 [IMG] w22"], [[wide], [tall, wide]])
+    layout = get_adapter(model).vision_layout(inputs["input_ids"], None, inputs)
+    assert layout.grid_hw.tolist() == (inputs["image_sizes"] // 4).tolist() == [[6, 8], [8, 3], [6, 8]]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with lightkv.apply(model, lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.0, 0.0])), torch.no_grad():
+        same = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    method = lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5], guidance="uniform")
+    with lightkv.apply(model, method) as handle:
+        cached = generate(model, inputs, max_new_tokens=3)
+        kept = handle.stats.vision_tokens
+        uncached = generate(model, inputs, max_new_tokens=3, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert kept == [method.kept_per_layer(4, ((6, 8),)), method.kept_per_layer(4, ((8, 3), (6, 8)))]
