@@ -127,3 +127,67 @@ def test_windows_span_tile_borders(model):
         model(**inputs)
     assert handle.stats.vision_tokens[0] == lightkv.ToMe(layers=[0], windows=[3], ratios=[0.5]).kept_per_layer(
         2, ((2 * S, 2 * S), (S, S)))
+
+
+# -- with the family's own processor (PIL image processor) and a tokenizer from a tiny vocabulary -----------------
+
+def _processor():
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.idefics3.processing_idefics3 import Idefics3Processor
+
+    special = ["\n"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)] \
+        + ["<global-img>", "<fake_token_around_image>", "<image>"]
+    words = ["<pad>", "<s>", "</s>", "<unk>", "<end_of_utterance>"] + [f"w{i}" for i in range(5, 128 - len(special))] \
+        + special  # <image> = 127, the tiny model's image token id
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in special])  # newlines stay tokens
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 48}, max_image_size={"longest_edge": 16},
+                                       do_image_splitting=True)
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=S * S)
+
+
+def test_generate_from_processor_output():
+    import numpy as np
+    from PIL import Image
+
+    from helpers import generate
+
+    model = tiny_idefics3(num_layers=4)
+    processor = _processor()
+    rng = np.random.default_rng(0)
+    wide, small = (Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in ((30, 44, 3), (10, 12, 3)))
+    images = [[wide], [small, wide]]
+    inputs = dict(processor(text=["w10 w11 <image> w20", "w12 <image> w13 <image> w22"], images=images,
+                            return_tensors="pt", padding=True, padding_side="left"))
+    tiles = processor.image_processor([image for row in images for image in row], return_row_col_info=True)
+    grids = []
+    for rows, cols in zip([r for row in tiles["rows"] for r in row], [c for row in tiles["cols"] for c in row]):
+        grids += ([(rows * S, cols * S)] if rows else []) + [(S, S)]
+    layout = get_adapter(model).vision_layout(inputs["input_ids"], None, inputs)
+    assert [tuple(g) for g in layout.grid_hw.tolist()] == grids and grids[0][0] > S  # the wide image is split
+    model.config.global_image_token_id = processor.global_image_token_id
+    try:
+        pinned = get_adapter(model).vision_layout(inputs["input_ids"], None, inputs)
+    finally:
+        del model.config.global_image_token_id
+    assert torch.equal(pinned.grid_rows, layout.grid_rows) and torch.equal(pinned.image_index, layout.image_index)
+
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with lightkv.apply(model, lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.0, 0.0])), torch.no_grad():
+        same = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    method = lightkv.LightKV(layers=[1, 2], windows=[2, 1], ratios=[0.5, 0.5], guidance="uniform")
+    with lightkv.apply(model, method) as handle:
+        cached = generate(model, inputs, max_new_tokens=3)
+        kept = handle.stats.vision_tokens
+        uncached = generate(model, inputs, max_new_tokens=3, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    first = 2 if grids[0][0] > S else 1  # grids of the first sample's image
+    assert kept == [method.kept_per_layer(4, tuple(grids[:first])), method.kept_per_layer(4, tuple(grids[first:]))]
