@@ -191,3 +191,20 @@ def test_generate_from_processor_output():
     assert torch.equal(cached.sequences, uncached.sequences)
     first = 2 if grids[0][0] > S else 1  # grids of the first sample's image
     assert kept == [method.kept_per_layer(4, tuple(grids[:first])), method.kept_per_layer(4, tuple(grids[first:]))]
+
+
+def test_real_size_spec():
+    """SmolVLM2-2.2B for the analytic tables: dims, the stitched 2x2-tile grid of the 672-px reference image, the
+    analytic parameter count close to the random-weight model's (built on the meta device, no memory)."""
+    from lightkv.perf import Workload, get_spec, predict_profile
+    from lightkv.perf.memory import parameter_count
+
+    spec = get_spec("smolvlm2-2.2b")
+    t, v = spec.dims()
+    assert (t.hidden, t.layers, t.heads, t.kv_heads) == (2048, 24, 32, 32)
+    assert spec.grid() == (18, 18) and v.patches == 5 * 81  # 4 tiles + the global image, 9 x 9 tokens each
+    model = spec.build(device="meta", dtype=torch.bfloat16)
+    assert type(get_adapter(model)) is SmolVLMAdapter
+    assert parameter_count(t, v) == pytest.approx(sum(p.numel() for p in model.parameters()), rel=5e-3)  # ~2.25 B
+    method = lightkv.LightKV(**spec.reference_schedule())
+    assert predict_profile(spec, method, Workload()).vision_tokens[0] == method.kept_per_layer(24, ((18, 18),))

@@ -225,3 +225,21 @@ def test_generate_from_processor_output():
         uncached = generate(model, inputs, max_new_tokens=3, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert kept == [method.kept_per_layer(4, ((6, 8),)), method.kept_per_layer(4, ((8, 3), (6, 8)))]
+
+
+def test_real_size_spec():
+    """Mistral-Small-3.1-24B for the analytic tables: dims, the adapter's grid for the 672-px reference image,
+    the analytic parameter count = the random-weight model's (built on the meta device, no memory)."""
+    from lightkv.perf import Workload, get_spec, predict_profile
+    from lightkv.perf.memory import parameter_count
+
+    spec = get_spec("mistral-small-3.1-24b")
+    t, v = spec.dims()
+    assert (t.hidden, t.layers, t.heads, t.kv_heads, t.head_dim) == (5120, 40, 32, 8, 128)
+    assert spec.grid() == (24, 24) and v.patches == 576 and v.tokens == 48 * 48
+    model = spec.build(device="meta", dtype=torch.bfloat16)
+    assert type(get_adapter(model)) is Mistral3Adapter and get_adapter(model).default_grid(672 * 672) == (24, 24)
+    assert parameter_count(t, v) == pytest.approx(sum(p.numel() for p in model.parameters()), rel=1e-4)  # ~24.0 B
+    method = lightkv.LightKV(**spec.reference_schedule())
+    profile = predict_profile(spec, method, Workload())
+    assert profile.vision_tokens[0] == method.kept_per_layer(40, ((24, 24),))

@@ -136,6 +136,12 @@ class ModelSpec:
             from transformers import Qwen2_5_VLConfig
 
             config = Qwen2_5_VLConfig(text_config=dict(self.text), vision_config=dict(self.vision), **self.extra)
+        elif self.family in ("mistral3", "smolvlm"):
+            import transformers
+
+            config_cls = {"mistral3": "Mistral3Config", "smolvlm": "SmolVLMConfig"}[self.family]
+            config = getattr(transformers, config_cls)(text_config=dict(self.text), vision_config=dict(self.vision),
+                                                       **self.extra)
         else:
             raise ValueError(f"unknown model family {self.family!r}")
         if num_layers is not None:
@@ -180,13 +186,17 @@ class ModelSpec:
                 model.model.language_model.layers = model.model.language_model.layers[:num_layers]
                 model.config.text_config.num_hidden_layers = num_layers
             return model.to(device).eval()
-        from transformers import LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
         config = self.config(num_layers)
         torch.manual_seed(seed)
         with torch.device(device):
-            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype,
-                                                               attn_implementation=attn_implementation)
+            if self.family == "llava":
+                model = LlavaForConditionalGeneration._from_config(config, dtype=dtype,
+                                                                   attn_implementation=attn_implementation)
+            else:
+                model = AutoModelForImageTextToText.from_config(config, dtype=dtype,
+                                                                attn_implementation=attn_implementation)
         return model.eval()
 
 
@@ -227,6 +237,34 @@ def dims_from_config(config: Any, family: str, image_px: int | None = None) -> t
                            projector=((merged_in, merged_in), (merged_in, v.out_hidden_size)),
                            projector_tokens=side * side // (merge * merge), attention_window=window_tokens,
                            full_attention_layers=len(v.fullatt_block_indexes))
+        return tdims, vdims
+    if family == "mistral3":
+        # Pixtral tower on the whole image (no CLS, SwiGLU MLP), then the 2x2 patch merger and a 2-layer projector;
+        # the decoder also reads one [IMG_BREAK] / [IMG_END] text token per row, not counted here
+        merge = config.spatial_merge_size
+        side = min(image_px or QWEN_IMAGE_PX, v.image_size) // v.patch_size
+        tokens = (side // merge * merge) ** 2
+        decoder_tokens = tokens // (merge * merge)
+        vdims = VisionDims(hidden=v.hidden_size, intermediate=v.intermediate_size, layers=v.num_hidden_layers,
+                           heads=v.num_attention_heads, patch=v.patch_size, channels=v.num_channels, tokens=tokens,
+                           patches=decoder_tokens, gated_mlp=True,
+                           projector=((v.hidden_size * merge * merge, v.hidden_size), (v.hidden_size, text.hidden_size),
+                                      (text.hidden_size, text.hidden_size)),
+                           projector_tokens=decoder_tokens)
+        return tdims, vdims
+    if family == "smolvlm":
+        # SigLIP tower run per tile of image_size px (attention inside a tile: a window of one tile), tiles of a
+        # square image of image_px plus the global image; pixel shuffle by scale_factor, one linear projector
+        tile = v.image_size // v.patch_size
+        per_side = max(1, math.ceil((image_px or QWEN_IMAGE_PX) / v.image_size))
+        tiles = per_side * per_side + 1
+        scale = config.scale_factor
+        decoder_tokens = tiles * (tile // scale) ** 2
+        vdims = VisionDims(hidden=v.hidden_size, intermediate=v.intermediate_size, layers=v.num_hidden_layers,
+                           heads=v.num_attention_heads, patch=v.patch_size, channels=v.num_channels,
+                           tokens=tiles * tile * tile, patches=decoder_tokens,
+                           projector=((v.hidden_size * scale * scale, text.hidden_size),),
+                           projector_tokens=decoder_tokens, attention_window=tile * tile, full_attention_layers=0)
         return tdims, vdims
     side = v.image_size // v.patch_size
     strategy = getattr(config, "vision_feature_select_strategy", "default")
@@ -289,6 +327,37 @@ SPECS: dict[str, ModelSpec] = {
         extra=dict(image_token_index=127, image_seq_length=256, pad_token_id=0),
         reference_layers=(1, 2), reference_windows=(2, 1), reference_ratios=(0.5, 0.5), reference_depth=4),
 }
+
+# Mistral3 and SmolVLM2: analytic numbers (and random-weight builds) at real size; the grid is the adapter's for
+# the 672-px reference image (Mistral3: 24 x 24 tokens; SmolVLM2: 2 x 2 tiles of 9 x 9 stitched, plus a 9 x 9
+# global image that the one-grid analytic tables leave out)
+SPECS.update({
+    "mistral-small-3.1-24b": ModelSpec(
+        name="mistral-small-3.1-24b", family="mistral3",
+        description="Mistral-Small-3.1-24B: 40-layer decoder (hidden 5120, GQA 32/8, head_dim 128) + Pixtral ViT "
+                    "(24 layers, patch 14, up to 1540 px), 2x2 patch merger; a 672x672 image gives 24x24 tokens",
+        text=dict(model_type="mistral", hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                  max_position_embeddings=131072, rms_norm_eps=1e-5, sliding_window=None,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e9}),
+        vision=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, head_dim=64, image_size=1540, patch_size=14),
+        extra=dict(image_token_index=10, spatial_merge_size=2, vision_feature_layer=-1,
+                   projector_hidden_act="gelu", multimodal_projector_bias=False, tie_word_embeddings=False),
+        reference_depth=32),
+    "smolvlm2-2.2b": ModelSpec(
+        name="smolvlm2-2.2b", family="smolvlm",
+        description="SmolVLM2-2.2B: SmolLM2-1.7B decoder (24 layers, hidden 2048, MHA 32) + SigLIP ViT (27 layers, "
+                    "384-px tiles, patch 14), pixel shuffle 3: 81 tokens per tile; a 672x672 image is 2x2 tiles "
+                    "(18x18 stitched) + a 9x9 global image",
+        text=dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                  num_attention_heads=32, num_key_value_heads=32, vocab_size=49280, max_position_embeddings=8192,
+                  rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 130000.0}),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=384, patch_size=14),
+        extra=dict(image_token_id=49190, scale_factor=3),
+        reference_depth=32),
+})
 
 
 def _bundled_model_path() -> str | None:
