@@ -189,3 +189,19 @@ def test_generate_from_processor_output():
         uncached = generate(model, inputs, max_new_tokens=3, use_cache=False)
     assert stats.vision_tokens == [method.kept_per_layer(N_LAYERS, [grid]) for grid in grids]
     assert torch.equal(cached.sequences, uncached.sequences)
+
+
+def test_real_size_spec():
+    """``lightkv bench --model glm-4.1v-9b``: GLM-4.1V-9B's shapes (built on the meta device: no memory)."""
+    from lightkv.perf import get_spec
+
+    spec = get_spec("glm-4.1v-9b")
+    text, vision = spec.dims()
+    assert (text.layers, text.hidden, text.heads, text.kv_heads, text.head_dim) == (40, 4096, 32, 2, 128)
+    assert (vision.tokens, vision.patches) == (48 * 48, 24 * 24)  # the 672-px reference image
+    assert spec.grid() == (24, 24)
+    assert spec.reference_schedule()["layers"] == [15, 23, 30]
+    model = spec.build(device="meta", dtype=torch.bfloat16)
+    assert type(get_adapter(model)) is Glm4vAdapter
+    assert model.config.text_config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert abs(sum(p.numel() for p in model.parameters()) / 10.29e9 - 1) < 0.01  # 10.29B parameters

@@ -173,3 +173,17 @@ def test_generate_from_processor_output():
     assert stats.vision_tokens == [method.kept_per_layer(N_LAYERS, [(8, 8)] * tiles[0]),
                                    method.kept_per_layer(N_LAYERS, [(8, 8)] * (tiles[1] + tiles[2]))]
     assert torch.equal(cached.sequences, uncached.sequences)
+
+
+def test_real_size_spec():
+    """``lightkv bench --model internvl3-8b``: InternVL3-8B's shapes (built on the meta device: no memory)."""
+    from lightkv.perf import get_spec
+
+    spec = get_spec("internvl3-8b")
+    text, vision = spec.dims()
+    assert (text.layers, text.hidden, text.heads, text.kv_heads, text.head_dim) == (28, 3584, 28, 4, 128)
+    assert (vision.tokens, vision.patches, vision.cls_token) == (32 * 32 + 1, 256, True)
+    assert spec.grid() == (16, 16)
+    model = spec.build(device="meta", dtype=torch.bfloat16)
+    assert isinstance(get_adapter(model), InternVLAdapter) and get_adapter(model).default_grid() == (16, 16)
+    assert abs(sum(p.numel() for p in model.parameters()) / 7.94e9 - 1) < 0.01  # 7.94B parameters

@@ -136,10 +136,11 @@ class ModelSpec:
             from transformers import Qwen2_5_VLConfig
 
             config = Qwen2_5_VLConfig(text_config=dict(self.text), vision_config=dict(self.vision), **self.extra)
-        elif self.family in ("mistral3", "smolvlm"):
+        elif self.family in ("mistral3", "smolvlm", "internvl", "glm4v"):
             import transformers
 
-            config_cls = {"mistral3": "Mistral3Config", "smolvlm": "SmolVLMConfig"}[self.family]
+            config_cls = {"mistral3": "Mistral3Config", "smolvlm": "SmolVLMConfig", "internvl": "InternVLConfig",
+                          "glm4v": "Glm4vConfig"}[self.family]
             config = getattr(transformers, config_cls)(text_config=dict(self.text), vision_config=dict(self.vision),
                                                        **self.extra)
         else:
@@ -266,6 +267,32 @@ def dims_from_config(config: Any, family: str, image_px: int | None = None) -> t
                            projector=((v.hidden_size * scale * scale, text.hidden_size),),
                            projector_tokens=decoder_tokens, attention_window=tile * tile, full_attention_layers=0)
         return tdims, vdims
+    if family == "internvl":
+        # InternViT on each 448-px tile (CLS + 32x32 patches), pixel shuffle by downsample_ratio, LayerNorm + 2-layer
+        # projector: one analytic "image" is one tile (a 672-px image is 2x2 tiles + a thumbnail: 5 "images")
+        side = v.image_size[0] // v.patch_size[0]
+        ratio = config.downsample_ratio
+        tokens = round(side * ratio) ** 2
+        vdims = VisionDims(hidden=v.hidden_size, intermediate=v.intermediate_size, layers=v.num_hidden_layers,
+                           heads=v.num_attention_heads, patch=v.patch_size[0], channels=v.num_channels,
+                           tokens=side * side + 1, patches=tokens, cls_token=True,
+                           projector=((round(v.hidden_size / ratio ** 2), text.hidden_size),
+                                      (text.hidden_size, text.hidden_size)),
+                           projector_tokens=tokens)
+        return tdims, vdims
+    if family == "glm4v":
+        # Qwen-style tower on the whole image (every layer global, SwiGLU MLP of out_hidden_size), then a 2x2
+        # strided conv into out_hidden_size and the gated merger (proj, gate/up to intermediate_size, down)
+        merge, out = v.spatial_merge_size, v.out_hidden_size
+        side = (image_px or QWEN_IMAGE_PX) // v.patch_size
+        merged = side * side // (merge * merge)
+        vdims = VisionDims(hidden=v.hidden_size, intermediate=out, layers=v.depth, heads=v.num_heads,
+                           patch=v.patch_size, channels=v.in_channels, tokens=side * side, patches=merged,
+                           gated_mlp=True, patch_depth=v.temporal_patch_size,
+                           projector=((v.hidden_size * merge * merge, out), (out, out), (out, v.intermediate_size),
+                                      (out, v.intermediate_size), (v.intermediate_size, out)),
+                           projector_tokens=merged)
+        return tdims, vdims
     side = v.image_size // v.patch_size
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     patches = side * side + (1 if strategy == "full" else 0)
@@ -357,6 +384,35 @@ SPECS.update({
                     image_size=384, patch_size=14),
         extra=dict(image_token_id=49190, scale_factor=3),
         reference_depth=32),
+})
+
+
+# InternVL3-8B and GLM-4.1V-9B: analytic numbers (and random-weight builds) at real size
+SPECS.update({
+    "internvl3-8b": ModelSpec(
+        name="internvl3-8b", family="internvl",
+        description="InternVL3-8B: Qwen2.5-7B decoder (28 layers, hidden 3584, GQA 28/4) + InternViT-300M "
+                    "(24 layers, 448-px tiles, patch 14), pixel shuffle 0.5: 16x16 = 256 tokens per tile; one "
+                    "analytic image is one tile (a 672x672 image is 2x2 tiles + a thumbnail)",
+        text=dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, vocab_size=151674, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=448, patch_size=14),
+        extra=dict(image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, vision_feature_layer=-1,
+                   vision_feature_select_strategy="default", tie_word_embeddings=False),
+        reference_layers=(12, 17, 22), reference_windows=(4, 2, 1), reference_depth=28),
+    "glm-4.1v-9b": ModelSpec(
+        name="glm-4.1v-9b", family="glm4v",
+        description="GLM-4.1V-9B: GLM-4 decoder (40 layers, hidden 4096, GQA 32/2, partial rotary 0.5) + 24-layer "
+                    "ViT (hidden 1536, patch 14), 2x2 merge; a 672x672 image gives 24x24 tokens",
+        text=dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
+                  num_key_value_heads=2, vocab_size=151552, max_position_embeddings=65536, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                   "mrope_section": [8, 12, 12]}),
+        vision=dict(depth=24, hidden_size=1536, intermediate_size=13696, num_heads=12, image_size=336, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096),
+        extra=dict(image_token_id=151343, video_token_id=151344, tie_word_embeddings=False)),
 })
 
 
