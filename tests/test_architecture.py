@@ -39,7 +39,10 @@ def import_graph() -> dict[str, set[str]]:
             else:
                 targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
                            for alias in node.names]
-            graph[name].update(t for t in targets if t in modules and t != name)
+            # importing a module runs the __init__ of each package above it first
+            found = {t for t in targets if t in modules}
+            found |= {p for t in found for p in _parents_of(t) if p in modules and p != "lightkv"}
+            graph[name].update(found - {name})
     return graph
 
 
@@ -49,9 +52,10 @@ def _parents_of(name: str) -> set[str]:
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A cycle of imports, ignoring a package's own ``__init__`` importing its children and a child importing
-    the packages above it (Python has imported those first, whatever they import)."""
-    edges = {a: {b for b in bs if b not in _parents_of(a) and a not in _parents_of(b)} for a, bs in graph.items()}
+    """A cycle of imports, ignoring a module importing the packages above it (Python has imported those before
+    the module, whatever they import). A package's ``__init__`` importing its children counts, and importing
+    any module of a package runs that package's ``__init__`` first (``import_graph`` adds those edges)."""
+    edges = {a: {b for b in bs if b not in _parents_of(a)} for a, bs in graph.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 

@@ -258,3 +258,22 @@ def normalize_grids(grids: Any) -> tuple[tuple[int, int], ...]:
         out.append(as_grid(grid))
     return tuple(out)
 
+
+def scale_layers(layers: tuple[int, ...] | list[int], reference_depth: int, depth: int) -> tuple[int, ...]:
+    """Map stage layers of a ``reference_depth``-layer decoder to a ``depth``-layer one.
+
+    Keeps the share of layers before, between and after stages: layer l (0-based) becomes
+    round((l + 1) * depth / reference_depth) - 1, bumped to stay strictly increasing. Stages that would land on
+    the last layer or beyond (where they cannot shorten anything) are dropped. E.g. 12, 18, 24 of 32 -> 2, 4, 5
+    of 8 and 15, 23, 30 of 40.
+    """
+    if depth == reference_depth:
+        return tuple(layers)
+    out: list[int] = []
+    for layer in layers:
+        scaled = math.floor((layer + 1) * depth / reference_depth + 0.5) - 1
+        scaled = max(scaled, out[-1] + 1 if out else 0)
+        if scaled >= depth - 1:
+            break
+        out.append(scaled)
+    return tuple(out)

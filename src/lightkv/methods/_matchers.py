@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ..budget import search_schedule
+from ._budget import search_schedule
 
 __all__ = ["window_merge_matcher", "single_stage_matcher", "staged_matcher", "LIGHTKV_REFERENCE"]
 

@@ -50,7 +50,7 @@ class LightKV(WindowMergeMethod):
         window_layout="regrid"; False keeps lightkv's defaults (original positions and windows).
         """
         from ..adapters import adapter_class_for_config, get_adapter
-        from ..perf.specs import scale_layers
+        from ._common import scale_layers
 
         if not isinstance(exact, bool):
             raise TypeError(f"exact must be True or False, got {exact!r}")

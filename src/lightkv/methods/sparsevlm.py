@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..budget import search_schedule
+from ._budget import search_schedule
 from ..guidance import gather_rows
 from ._common import check_ints, check_ratio, merge_into_nearest, rank_in_groups, set_field
 from .base import Method, StageContext, StageResult

@@ -225,6 +225,6 @@ def build_method(spec: str | MethodSpec, *, num_layers: int | None = None,
     if num_layers is None or grids is None:
         raise ValueError(f"a budget ({parsed.name}@{budget:g}) needs the model's num_layers and the image "
                          "grids=[(rows, cols), ...] of a sample")
-    from ..budget import match_budget
+    from ._budget import match_budget
 
     return match_budget(parsed.name, budget, num_layers, grids=_as_grids(grids), **values).method

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..budget import BudgetMatch
+from ._budget import BudgetMatch
 from ._common import check_int, merge_into_nearest, rank_in_groups, set_field
 from .base import Method, StageContext, StageResult
 from .registry import register_method

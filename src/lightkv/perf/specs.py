@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..methods._common import scale_layers
+
 __all__ = ["TextDims", "VisionDims", "ModelSpec", "SPECS", "get_spec", "scale_layers", "scaled_schedule",
            "config_grid", "dims_from_config"]
 
@@ -64,26 +66,6 @@ class VisionDims:
     projector_tokens: int = 0
     attention_window: int | None = None
     full_attention_layers: int = 0
-
-
-def scale_layers(layers: tuple[int, ...] | list[int], reference_depth: int, depth: int) -> tuple[int, ...]:
-    """Map stage layers of a ``reference_depth``-layer decoder to a ``depth``-layer one.
-
-    Keeps the share of layers before, between and after stages: layer l (0-based) becomes
-    round((l + 1) * depth / reference_depth) - 1, bumped to stay strictly increasing. Stages that would land on
-    the last layer or beyond (where they cannot shorten anything) are dropped. E.g. 12, 18, 24 of 32 -> 2, 4, 5
-    of 8 and 15, 23, 30 of 40.
-    """
-    if depth == reference_depth:
-        return tuple(layers)
-    out: list[int] = []
-    for layer in layers:
-        scaled = math.floor((layer + 1) * depth / reference_depth + 0.5) - 1
-        scaled = max(scaled, out[-1] + 1 if out else 0)
-        if scaled >= depth - 1:
-            break
-        out.append(scaled)
-    return tuple(out)
 
 
 def scaled_schedule(spec: "ModelSpec", depth: int | None = None) -> dict:
