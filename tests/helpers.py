@@ -33,7 +33,7 @@ def generate(model, inputs, max_new_tokens=4, **kwargs):
 
 def run(model, method, inputs, **kwargs):
     """One forward with ``method`` applied; returns (output, stats)."""
-    with lightkv.apply(model, method) as handle, torch.no_grad():
+    with lightkv.apply(model, method, record=True) as handle, torch.no_grad():
         out = model(**inputs, **kwargs)
     return out, handle.stats
 
@@ -47,7 +47,7 @@ def check_batched_equals_unbatched(model, method, num_layers, new_tokens=4, prom
     """Each sample of a mixed batch (default: one image, two images, no image; ``prompts`` may give others, the
     last one without images) gets the tokens, logits (1e-4), kept counts and kept positions it gets alone."""
     prompts = mixed_prompts(model) if prompts is None else prompts
-    with lightkv.apply(model, method) as handle:
+    with lightkv.apply(model, method, record=True) as handle:
         singles, single_stats = [], []
         for p in prompts:
             singles.append(generate(model, p, max_new_tokens=new_tokens))

@@ -340,7 +340,7 @@ def test_cached_generate_equals_uncached(model, name, batch):
     prompts = mixed_prompts(model)[:2] if batch == 2 else [one_image(model)]
     inputs = batch_prompts(prompts)
     method = make(name)
-    with lightkv.apply(model, method) as handle:
+    with lightkv.apply(model, method, record=True) as handle:
         cached = generate(model, inputs)
         kept = handle.stats.kept_positions
         uncached_same_method = generate(model, inputs, use_cache=False)

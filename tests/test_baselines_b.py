@@ -144,7 +144,7 @@ def test_visionzip_contextual_tokens_are_cluster_averages(eager_model):
 
     seen = {}
     layer0 = model.model.language_model.layers[0]
-    with lightkv.apply(model, lightkv.VisionZip(dominant=dominant, contextual=contextual)) as handle:
+    with lightkv.apply(model, lightkv.VisionZip(dominant=dominant, contextual=contextual), record=True) as handle:
         # registered after apply: sees layer 0's (already shortened) input
         spy = layer0.register_forward_pre_hook(
             lambda m, args, kwargs: seen.update(hidden=(args[0] if args else kwargs["hidden_states"]).clone(),
@@ -298,7 +298,7 @@ def test_visionzip_on_pre_encoded_images(eager_model):
     inputs = one_image(model)
     ids = inputs["input_ids"]
     early = encode(model, inputs["pixel_values"])  # before apply: its CLS attention was never seen
-    with lightkv.apply(model, lightkv.VisionZip(dominant=8, contextual=2)) as handle, torch.no_grad():
+    with lightkv.apply(model, lightkv.VisionZip(dominant=8, contextual=2), record=True) as handle, torch.no_grad():
         with pytest.raises(RuntimeError, match="no CLS attention"):
             model(input_ids=ids, mm_encoder_outputs={"image": early})
         by_pixels = model(**inputs).logits

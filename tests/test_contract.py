@@ -216,7 +216,7 @@ def case(request):
 
 
 def _run(model, method, inputs, **kwargs):
-    with lightkv.apply(model, method) as handle, torch.no_grad():
+    with lightkv.apply(model, method, record=True) as handle, torch.no_grad():
         out = model(**inputs, use_cache=True, **kwargs)
     return out, handle.stats
 

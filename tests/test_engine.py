@@ -177,6 +177,53 @@ def test_hidden_states_come_back_at_full_length(model):
     assert out.logits.shape[1] == n
 
 
+def masks_seen(model, run):
+    """The attention_mask every decoder layer receives (after lightkv's hooks) during ``run()``, per call."""
+    seen = []
+    layers = model.model.language_model.layers
+
+    def spy(index):
+        def hook(module, args, kwargs):
+            seen.append((index, kwargs.get("attention_mask")))
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(spy(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_unpadded_batch_1_reaches_sdpa_without_any_mask(with_mask):
+    """Batch 1 without padding: every shortened layer gets attention_mask=None (sdpa's causal kernel) at
+    prefill and at decode steps; no N x N mask is built."""
+    model = tiny_llava(attn_implementation="sdpa")
+    inputs = llava_prompt(model, [1, 10, 11], [20, 21])
+    if not with_mask:
+        inputs.pop("attention_mask")
+    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE)):
+        seen = masks_seen(model, lambda: model.generate(**inputs, max_new_tokens=3, min_new_tokens=3,
+                                                        do_sample=False))
+    shortened = [mask for index, mask in seen if index > SCHEDULE["layers"][0]]
+    assert len(shortened) == 3 * 2  # 3 calls (prefill, 2 decode steps) x layers 2 and 3
+    assert all(mask is None for mask in shortened)
+
+
+def test_padded_batch_gets_masks_of_the_short_length():
+    model = tiny_llava(attn_implementation="sdpa")
+    inputs = padded_batch(model)
+    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE)) as handle:
+        seen = masks_seen(model, lambda: model(**inputs))
+    kept = [max(row) for row in zip(*handle.stats.tokens)]  # slots per layer (the longest row)
+    for index, mask in seen:
+        if index > SCHEDULE["layers"][0]:
+            assert mask is not None and mask.shape == (2, 1, kept[index], kept[index])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mask builders, without a model
 

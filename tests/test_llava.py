@@ -324,7 +324,7 @@ def test_two_models_and_threads_do_not_share_state():
 def test_merge_maps_point_at_kept_tokens_of_the_same_window(sdpa_model):
     inputs = one_image(sdpa_model)
     first = 4  # text_before has 4 tokens
-    with lightkv.apply(sdpa_model, lightkv.LightKV(**SCHEDULE)) as handle, torch.no_grad():
+    with lightkv.apply(sdpa_model, lightkv.LightKV(**SCHEDULE), record=True) as handle, torch.no_grad():
         sdpa_model(**inputs)
     stage1, stage2 = handle.stats.merge_maps
     n = inputs["input_ids"].shape[1]

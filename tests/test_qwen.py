@@ -153,7 +153,7 @@ def test_cache_lengths_per_layer(model):
     inputs = rich_prompt(model)
     n = inputs["input_ids"].shape[1]
     n_text = n - 152
-    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE)) as handle, torch.no_grad():
+    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE), record=True) as handle, torch.no_grad():
         out = model(**inputs, use_cache=True)
     vision = [152, 152, 76, 38]  # per image / frame: 48 -> 24 -> 12, 40 -> 20 -> 10, 32 -> 16 -> 8 (x2)
     assert [layer.keys.shape[2] for layer in out.cache.layers] == [n_text + v for v in vision]
@@ -207,7 +207,7 @@ def test_generate_prefill_keeps_what_a_forward_keeps(sdpa_model):
     """``generate`` passes 3-D positions and encoder outputs instead of the grids: the same tokens are kept."""
     model = sdpa_model
     inputs = batch_prompts(mixed_prompts(model)[:3])
-    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE)) as handle:
+    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE), record=True) as handle:
         with torch.no_grad():
             model(**inputs)
         forward_stats = handle.stats
@@ -237,7 +237,7 @@ def full_positions(model, inputs):
 def test_kept_tokens_keep_their_3d_positions(sdpa_model, positions):
     model = sdpa_model
     inputs = rich_prompt(model)
-    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE, positions=positions)) as handle, torch.no_grad():
+    with lightkv.apply(model, lightkv.LightKV(**SCHEDULE, positions=positions), record=True) as handle, torch.no_grad():
         seen, hooks = position_spy(model, [2, 3])  # registered after lightkv's hooks: sees what the layer gets
         try:
             model(**inputs)
@@ -364,7 +364,7 @@ def test_baseline_cached_generate_equals_uncached(qwen25, name, batch):
     model = qwen25
     inputs = batch_prompts(mixed_prompts(model)[1:3] if batch == 2 else [one_image(model)])
     method = BASELINES[name][0]()
-    with lightkv.apply(model, method) as handle:
+    with lightkv.apply(model, method, record=True) as handle:
         cached = generate(model, inputs)
         kept = handle.stats.kept_positions
         uncached = generate(model, inputs, use_cache=False)

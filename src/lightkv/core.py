@@ -106,38 +106,51 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     hidden: (B, N, D). groups: (B, N) long group ids, -1 = not merged; a group must not span rows.
     guidance: (B, N) non-negative weights g_t, or None for equal weights. ratio: fraction P of each group.
     Inside a group tokens are ranked by slot (= sequence order); even ranks form A, odd ranks form B.
+
+    One device -> host read (the number of groups and the largest group, which size the tables); every other
+    step works on tensors of sizes known from the shapes (a spare row or slot absorbs what a boolean mask would
+    have dropped), so the cost does not grow with the batch or the number of images.
     """
     B, N, D = hidden.shape
     device = hidden.device
+    T = B * N
     flat_groups = groups.reshape(-1)
-    members = torch.nonzero(flat_groups >= 0).squeeze(1)  # flat token ids, already in (row, slot) order
-    keep = torch.ones(B * N, dtype=torch.bool, device=device)
-    destination = torch.arange(B * N, device=device)
-    if members.numel() == 0:
+    is_member = flat_groups >= 0
+    spare = T  # index of a spare slot past the last token
+
+    # Sort tokens by group, non-members last; a stable sort keeps sequence order inside each group.
+    key = torch.where(is_member, flat_groups, torch.iinfo(torch.long).max)
+    order = torch.sort(key, stable=True).indices  # flat token ids by (group, slot)
+    sorted_member = is_member[order]
+    sorted_key = key[order]
+    is_start = torch.ones_like(sorted_member)
+    is_start[1:] = sorted_key[1:] != sorted_key[:-1]
+    dense = torch.cumsum(is_start.long(), 0) - 1  # dense group index; non-members form the last one
+    positions = torch.arange(T, device=device)
+    start = torch.cummax(torch.where(is_start, positions, 0), dim=0).values
+    rank = positions - start
+    dense_member = torch.where(sorted_member, dense, spare)
+    group_sizes_all = torch.zeros(T + 1, dtype=torch.long, device=device).index_add_(
+        0, dense_member, torch.ones_like(dense_member))
+    num_groups = (is_start & sorted_member).sum()
+    G, max_size = torch.stack([num_groups, group_sizes_all[:T].max()]).tolist()  # the one host read
+    keep = torch.ones(T, dtype=torch.bool, device=device)
+    destination = torch.arange(T, device=device)
+    if G == 0:
         return StageResult(keep.view(B, N), hidden, (destination % N).view(B, N))
+    group_sizes = group_sizes_all[:G]
 
-    # Sort members by group; a stable sort keeps sequence order inside each group.
-    member_groups = flat_groups[members]
-    order = torch.sort(member_groups, stable=True).indices
-    members = members[order]
-    member_groups = member_groups[order]
-    unique_groups, group_of_member, group_sizes = torch.unique_consecutive(
-        member_groups, return_inverse=True, return_counts=True)
-    G = unique_groups.numel()
-    starts = torch.cumsum(group_sizes, 0) - group_sizes
-    rank = torch.arange(members.numel(), device=device) - starts[group_of_member]
-
-    # Padded (G, nA) / (G, nB) tables of flat token ids; -1 pads.
-    max_size = int(group_sizes.max())
+    # Padded (G, nA) / (G, nB) tables of flat token ids; -1 pads (row G is a spare row for non-members).
     n_a, n_b = (max_size + 1) // 2, max_size // 2
     is_a = rank % 2 == 0
     half_rank = torch.div(rank, 2, rounding_mode="floor")
-    table_a = torch.full((G, max(n_a, 1)), -1, dtype=torch.long, device=device)
-    table_b = torch.full((G, max(n_b, 1)), -1, dtype=torch.long, device=device)
-    table_a[group_of_member[is_a], half_rank[is_a]] = members[is_a]
-    table_b[group_of_member[~is_a], half_rank[~is_a]] = members[~is_a]
+    table_a = torch.full((G + 1, max(n_a, 1)), -1, dtype=torch.long, device=device)
+    table_b = torch.full((G + 1, max(n_b, 1)), -1, dtype=torch.long, device=device)
+    for table, side in ((table_a, sorted_member & is_a), (table_b, sorted_member & ~is_a)):
+        table.index_put_((torch.where(side, dense, G), torch.where(side, half_rank, 0)), order)
+    table_a, table_b = table_a[:G], table_b[:G]
 
-    flat_hidden = hidden.reshape(B * N, D)
+    flat_hidden = hidden.reshape(T, D)
     unit = torch.nn.functional.normalize(flat_hidden.float(), dim=-1)
     feats_a = unit[table_a.clamp(min=0)]  # (G, nA, D)
     feats_b = unit[table_b.clamp(min=0)]  # (G, nB, D)
@@ -152,42 +165,47 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     sorted_idx = torch.sort(score, dim=-1, descending=True, stable=True).indices
     position = torch.empty_like(sorted_idx)
     position.scatter_(1, sorted_idx, torch.arange(sorted_idx.shape[1], device=device).expand_as(sorted_idx))
-    merged_a = (position < r[:, None]) & valid_a  # (G, nA)
+    merged_a = ((position < r[:, None]) & valid_a).reshape(-1)  # (G * nA,) in (group, rank) order
 
-    src = table_a[merged_a]  # flat ids of merged A tokens
-    dst = table_b.gather(1, best)[merged_a]  # their best(a)
-    keep[src] = False
-    destination[src] = dst
+    # merged A tokens (others aim at the spare slot) and their best(a)
+    src = torch.where(merged_a, table_a.reshape(-1), spare)
+    dst = torch.where(merged_a, table_b.gather(1, best).reshape(-1), spare)
+    keep_ext = torch.cat([keep, keep.new_ones(1)]).index_put_((src,), keep.new_zeros(()))
+    destination_ext = torch.cat([destination, destination.new_full((1,), spare)]).index_put_((src,), dst)
+    keep, destination = keep_ext[:T], destination_ext[:T]
 
     # Message passing: x_b <- (g_b x_b + sum g_a x_a) / (g_b + sum g_a); equal weights when the sum is 0.
+    # Each receiver sums itself first, then its merged A tokens in (group, rank) order.
     if guidance is None:
-        weights = torch.ones(B * N, device=device, dtype=torch.float32)
+        weights = torch.ones(T, device=device, dtype=torch.float32)
     else:
         weights = guidance.reshape(-1).float().clamp(min=0)
-    receivers = torch.unique(dst)
-    touched = torch.cat([receivers, src])
-    group_dst = torch.cat([receivers, dst])  # every touched token is summed into its receiver
+    is_receiver = torch.zeros(T + 1, dtype=torch.bool, device=device).index_fill_(0, dst, True)[:T]
+    touched = torch.cat([positions, src.clamp(max=T - 1)])
+    group_dst = torch.cat([torch.where(is_receiver, positions, spare), dst])
     x = flat_hidden[touched].float()
-    num = torch.zeros(B * N, D, dtype=torch.float32, device=device)
-    den = torch.zeros(B * N, dtype=torch.float32, device=device)
+    num = torch.zeros(T + 1, D, dtype=torch.float32, device=device)
+    den = torch.zeros(T + 1, dtype=torch.float32, device=device)
     num.index_add_(0, group_dst, weights[touched, None] * x)
     den.index_add_(0, group_dst, weights[touched])
     equal_num = torch.zeros_like(num).index_add_(0, group_dst, x)
     equal_den = torch.zeros_like(den).index_add_(0, group_dst, torch.ones_like(den[touched]))
-    zero = den[receivers] <= 0
-    merged = torch.where(zero[:, None], equal_num[receivers] / equal_den[receivers, None],
-                         num[receivers] / den[receivers].clamp(min=torch.finfo(torch.float32).tiny)[:, None])
-    new_hidden = flat_hidden.clone()
-    new_hidden[receivers] = merged.to(hidden.dtype)
+    num, den, equal_num, equal_den = num[:T], den[:T], equal_num[:T], equal_den[:T]
+    zero = den <= 0
+    merged = torch.where(zero[:, None], equal_num / equal_den[:, None],
+                         num / den.clamp(min=torch.finfo(torch.float32).tiny)[:, None])
+    new_hidden = torch.where(is_receiver[:, None], merged.to(hidden.dtype), flat_hidden)
     return StageResult(keep.view(B, N), new_hidden.view(B, N, D), (destination % N).view(B, N))
 
 
-def compact_indices(keep: torch.Tensor, destination: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compact_indices(keep: torch.Tensor, destination: torch.Tensor | None = None, length: int | None = None,
+                    counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded gather indices for the kept slots of every row.
 
     keep: (B, N) bool. destination: (B, N) long slot each token lives in (None: tokens that are not kept
-    map to slot 0 of their row). Returns
+    map to slot 0 of their row). length: the most kept slots of a row, when the caller already read it
+    (otherwise it is read here: one device -> host sync); counts: ``keep.sum(1)`` when already computed.
+    No other host read, whatever the batch. Returns
       source: (B, M) long, old slot of each new slot (pads point at the row's first kept slot, or 0),
       valid: (B, M) bool, False on pads,
       new_slot: (B, N) long, new slot of each old token (merged tokens follow their destination).
@@ -195,17 +213,19 @@ def compact_indices(keep: torch.Tensor, destination: torch.Tensor | None = None
     """
     B, N = keep.shape
     device = keep.device
-    counts = keep.sum(dim=1)
-    M = int(counts.max()) if B > 0 else 0
+    if counts is None:
+        counts = keep.sum(dim=1)
+    M = length if length is not None else (int(counts.max()) if B > 0 else 0)
     offset = (M - counts)[:, None]
     rank = torch.cumsum(keep.long(), dim=1) - 1
     target = torch.where(keep, offset + rank, torch.zeros_like(rank))
     first_kept = torch.where(counts > 0, keep.long().argmax(dim=1), torch.zeros_like(counts))
-    source = first_kept[:, None].expand(B, M).clone()
-    valid = torch.zeros(B, M, dtype=torch.bool, device=device)
-    rows = torch.arange(B, device=device)[:, None].expand(B, N)
-    source[rows[keep], target[keep]] = torch.arange(N, device=device).expand(B, N)[keep]
-    valid[rows[keep], target[keep]] = True
+    # scatter every kept slot to its target column; dropped slots go to a spare column M, cut off after
+    spare = torch.where(keep, target, M)
+    slots = torch.arange(N, device=device).expand(B, N)
+    source = torch.cat([first_kept[:, None].expand(B, M), first_kept[:, None]], dim=1)
+    source = source.scatter(1, spare, torch.where(keep, slots, first_kept[:, None]))[:, :M]
+    valid = torch.zeros(B, M + 1, dtype=torch.bool, device=device).scatter(1, spare, keep)[:, :M]
     if destination is None:
         destination = torch.where(keep, torch.arange(N, device=device).expand(B, N), first_kept[:, None])
     new_slot = target.gather(1, destination)

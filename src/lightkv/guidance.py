@@ -14,10 +14,16 @@ __all__ = ["GUIDANCE_MODES", "gather_rows", "faithful_guidance", "text_to_vision
 GUIDANCE_MODES = ("faithful", "uniform", "text_to_vision")
 
 
-def gather_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of the True entries of each row, right-padded: index (B, P) long and valid (B, P) bool."""
+def gather_rows(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots of the True entries of each row, right-padded: index (B, P) long and valid (B, P) bool.
+
+    width: P when the caller knows it (the most True entries of a row); otherwise it is read from the device.
+    """
     counts = mask.sum(dim=1)
-    P = max(int(counts.max()), 1) if mask.shape[0] else 1
+    if width is not None:
+        P = max(width, 1)
+    else:
+        P = max(int(counts.max()), 1) if mask.shape[0] else 1
     # stable sort puts True slots first, in order
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :P]
     valid = torch.arange(P, device=mask.device)[None, :] < counts[:, None]
@@ -30,15 +36,16 @@ def _repeat_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def faithful_guidance(q: torch.Tensor, k: torch.Tensor, prompt_mask: torch.Tensor, token_valid: torch.Tensor,
-                      scaling: float, head_chunk: int = 8) -> torch.Tensor:
+                      scaling: float, head_chunk: int = 8, width: int | None = None) -> torch.Tensor:
     """g_i = sum_h sum_{j in P} softmax over queries i' of s^h_{i'j}, evaluated at i.
 
     prompt_mask: (B, N) bool, the prompt keys P (non-vision, non-padding).
     token_valid: (B, N) bool, real tokens; padding never acts as a query.
-    Returns (B, N) fp32 weights (zero on padding).
+    width: the most prompt keys of a row, when known (``gather_rows``). Returns (B, N) fp32 weights (zero on
+    padding).
     """
     B, H, N, _ = q.shape
-    key_index, key_valid = gather_rows(prompt_mask)  # (B, P)
+    key_index, key_valid = gather_rows(prompt_mask, width)  # (B, P)
     k_prompt = k.gather(2, key_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3]))
     k_prompt = _repeat_kv(k_prompt, H)
     weights = torch.zeros(B, N, dtype=torch.float32, device=q.device)
@@ -54,15 +61,16 @@ def faithful_guidance(q: torch.Tensor, k: torch.Tensor, prompt_mask: torch.Tenso
 
 
 def text_to_vision_guidance(q: torch.Tensor, k: torch.Tensor, text_mask: torch.Tensor, token_valid: torch.Tensor,
-                            scaling: float, head_chunk: int = 8) -> torch.Tensor:
+                            scaling: float, head_chunk: int = 8, width: int | None = None) -> torch.Tensor:
     """g_i = sum_h sum_{j in T} causal softmax over keys of s^h_{ji}: how much the text attends to token i.
 
     text_mask: (B, N) bool, the text queries T (the caller passes the prompt tokens after the first image;
     causality makes text before an image give it no weight anyway). Slots are in sequence order, so the
-    causal mask is slot(key) <= slot(query). Returns (B, N) fp32 weights.
+    causal mask is slot(key) <= slot(query). width: the most text queries of a row, when known. Returns (B, N)
+    fp32 weights.
     """
     B, H, N, _ = q.shape
-    query_index, query_valid = gather_rows(text_mask)  # (B, T)
+    query_index, query_valid = gather_rows(text_mask, width)  # (B, T)
     q_text = q.gather(2, query_index[:, None, :, None].expand(-1, H, -1, q.shape[3]))
     k_all = _repeat_kv(k, H)
     slots = torch.arange(N, device=q.device)

@@ -73,10 +73,12 @@ class _Hook:
 class Handle:
     """Returned by ``apply``: holds the hooks, removes them, reports the last prefill's stats."""
 
-    def __init__(self, model: nn.Module, method: Method, adapter: Adapter):
+    def __init__(self, model: nn.Module, method: Method, adapter: Adapter, record: bool = False):
         self.model = model
         self.method = method
         self.adapter = adapter
+        # opt-in diagnostics: stats.kept_positions and stats.merge_maps (per-sample host reads at every stage)
+        self.record = bool(record)
         self.num_layers = len(adapter.decoder_layers)
         method.validate_for(self.num_layers)
         self.stage_layers = tuple(method.stage_layers)
@@ -164,6 +166,10 @@ class Handle:
         if record is not None and cache.get_seq_length() == 0:
             detach_record(cache)  # the cache was reset: it starts over
             record = None
+        if record is not None and not _has_visual_inputs(call):
+            # continuing a compressed cache without pixels or encoded features: image token ids (if any) are
+            # embedded as text, so no layout is asked for (its ``any()`` would sync the device at every step)
+            return self._start_decode(record, cache, call, args, kwargs, ref)
         layout = self.adapter.vision_layout(input_ids, inputs_embeds, call)
         if layout is None:
             if record is not None:
@@ -228,7 +234,7 @@ class Handle:
                                                       state.segment_unpadded))
         if state.shortened and getattr(output, "hidden_states", None) is not None:
             output.hidden_states = self._full_length_hidden_states(state, output.hidden_states)
-        self.stats = prefill_stats(state, self.num_layers, self.stage_layers)
+        self.stats = prefill_stats(state, self.num_layers, self.stage_layers, record=self.record)
 
     def _full_length_hidden_states(self, state: PrefillState, hidden_states: tuple) -> tuple:
         """``output_hidden_states``: every layer's states back at the prompt's length, like the logits.
@@ -341,7 +347,13 @@ class Handle:
         result = self.method.reduce(self._stage_context(state, hidden, index), stage)
         state.capture, state.capture_layer = {}, None
         keep = result.keep & state.valid  # padding never survives a stage
-        source, valid, new_slot = compact_indices(keep, _destination_of_dropped(keep, result.destination))
+        # the one host read of the stage: kept tokens per row, giving the new length and whether any row is padded
+        counts = keep.sum(dim=1)
+        host_counts = counts.tolist()
+        M = max(host_counts, default=0)
+        unpadded = min(host_counts, default=0) == M
+        source, valid, new_slot = compact_indices(keep, _destination_of_dropped(keep, result.destination),
+                                                  length=M, counts=counts)
         for name, value in state.token_state.items():
             if value.shape[:2] != keep.shape:
                 raise ValueError(f"lightkv: token_state[{name!r}] has shape {tuple(value.shape)}, expected "
@@ -351,16 +363,17 @@ class Handle:
         state.valid = valid
         state.slot_of_orig = new_slot.gather(1, state.slot_of_orig)
         state.slot_maps.append(state.slot_of_orig)
-        state.merge_maps.append(state.orig_index.gather(1, state.slot_of_orig))
         state.shortened = True
         state.segments.append((state.orig_index, state.valid))
-        state.segment_unpadded.append(bool(valid.all()))
+        state.segment_unpadded.append(unpadded)
         kept_vision = state.layout.vision_mask.gather(1, state.orig_index) & valid
         state.vision_counts.append(kept_vision.sum(1))
         state.token_counts.append(valid.sum(1))
-        positions = state.input_position.gather(1, state.orig_index)
-        for b in range(keep.shape[0]):
-            state.kept_positions[b].append(positions[b][kept_vision[b]].tolist())
+        if self.record:  # opt-in diagnostics: per-sample host reads
+            state.merge_maps.append(state.orig_index.gather(1, state.slot_of_orig))
+            positions = state.input_position.gather(1, state.orig_index)
+            for b in range(keep.shape[0]):
+                state.kept_positions[b].append(positions[b][kept_vision[b]].tolist())
         state.segment_kwargs = self._segment_kwargs(state, hidden)
         return gather_seq(result.hidden, source, dim=1)
 
@@ -414,6 +427,17 @@ class Handle:
         return to_attention_format(allowed, mask, self.adapter.attn_implementation(), hidden.dtype)
 
 
+_VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_embeds", "video_embeds")
+
+
+def _has_visual_inputs(call: dict) -> bool:
+    """Whether a call brings image/video features (pixels, or what ``generate`` encoded before the prefill)."""
+    if any(call.get(name) is not None for name in _VISUAL_KWARGS):
+        return True
+    encoded = call.get("mm_encoder_outputs")
+    return bool(encoded) and any(v is not None for v in encoded.values())
+
+
 def _destination_of_dropped(keep: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
     """Destinations (B, M) with every token whose destination is not kept (a pruned token points at itself)
     sent to the last kept slot before it, or to its row's first kept slot when none precedes it. At full
@@ -450,8 +474,11 @@ def _is_dynamic(cache: Any) -> bool:
         type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))
 
 
-def apply(model: nn.Module, method: Method) -> Handle:
+def apply(model: nn.Module, method: Method, record: bool = False) -> Handle:
     """Patch ``model`` in place so that ``method`` runs during every prefill with images.
+
+    record=True also fills ``handle.stats.kept_positions`` and ``handle.stats.merge_maps`` (diagnostics that read
+    every sample back to the host at every stage); off by default, so the prefill stays free of such reads.
 
     Returns a ``Handle``; ``handle.remove()`` (or leaving ``with apply(...)``) restores the model.
     Raises TypeError for an unsupported model family and ValueError for a schedule that does not fit it, or
@@ -469,4 +496,6 @@ def apply(model: nn.Module, method: Method) -> Handle:
     if attn_impl not in SUPPORTED_ATTENTION:
         raise ValueError(f"lightkv supports attn_implementation in {SUPPORTED_ATTENTION}, got {attn_impl!r}; "
                          "load the model with attn_implementation='sdpa' or 'eager'")
-    return Handle(model, method, adapter)
+    if not isinstance(record, bool):
+        raise TypeError(f"record must be True or False, got {record!r}")
+    return Handle(model, method, adapter, record=record)

@@ -26,6 +26,8 @@ class PrefillStats:
         positions among the sample's real (non-padding) input tokens, so they do not depend on batching.
     merge_maps: [stage] (B, N) long tensors: for every input position of the call (padding included), the input
         position of the token it lives in after that stage (itself when kept, its destination when merged).
+    kept_positions and merge_maps are diagnostics, filled only with ``apply(..., record=True)`` (empty lists
+    otherwise): they read every sample back to the host at every stage.
     """
 
     vision_tokens: list[list[int]]
@@ -52,20 +54,24 @@ class PrefillStats:
         return sum(self.vision_kv_bytes) / max(1, sum(self.uncompressed_vision_kv_bytes))
 
 
-def prefill_stats(state: PrefillState, num_layers: int, stage_layers: Sequence[int]) -> PrefillStats:
-    """Stats of a finished prefill (``state.vision_counts[s]`` holds the counts before stage s + 1 ran)."""
+def prefill_stats(state: PrefillState, num_layers: int, stage_layers: Sequence[int],
+                  record: bool = False) -> PrefillStats:
+    """Stats of a finished prefill (``state.vision_counts[s]`` holds the counts before stage s + 1 ran);
+    ``record``: include the diagnostics (kept_positions, merge_maps) the engine recorded."""
     B = state.layout.vision_mask.shape[0]
     last = len(state.vision_counts) - 1  # 0 for a text-only prefill
     seg_of_layer = [min(last, sum(1 for s in stage_layers if s < layer)) for layer in range(num_layers)]
-    vision_counts = [c.tolist() for c in state.vision_counts]
-    token_counts = [c.tolist() for c in state.token_counts]
+    # one host read for every count of the call
+    counts = torch.stack([*state.vision_counts, *state.token_counts]).tolist()
+    vision_counts, token_counts = counts[:len(state.vision_counts)], counts[len(state.vision_counts):]
     vision = [[vision_counts[seg_of_layer[l]][b] for l in range(num_layers)] for b in range(B)]
     tokens = [[token_counts[seg_of_layer[l]][b] for l in range(num_layers)] for b in range(B)]
     prompt_vision = vision_counts[0]  # before any stage (a stage -1 cuts layer 0 too)
     retained = [None if n == 0 else sum(row) / (n * num_layers) for row, n in zip(vision, prompt_vision)]
     with_images = [r for r in retained if r is not None]
     stats = PrefillStats(vision, tokens, retained, sum(with_images) / len(with_images) if with_images else None,
-                         kept_positions=state.kept_positions, merge_maps=state.merge_maps)
+                         kept_positions=state.kept_positions if record else [],
+                         merge_maps=state.merge_maps if record else [])
     cache: Any = state.cache
     if cache is not None and hasattr(cache, "layers"):
         kv, vis, full, full_vis = [], [], [], []

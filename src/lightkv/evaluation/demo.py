@@ -40,7 +40,7 @@ def merge_map_figure(model, processor, method: LightKV, items, path: Path) -> No
     stages = len(method.layers)
     fig, axes = plt.subplots(rows, stages + 1, figsize=(2.3 * (stages + 1), 2.5 * rows))
     axes = np.atleast_2d(axes)
-    with apply(model, method) as handle, torch.no_grad():
+    with apply(model, method, record=True) as handle, torch.no_grad():
         for r, (scene, question) in enumerate(items):
             inputs = processor(images=[scene.image], text=[prompt(question.question)], return_tensors="pt")
             out = model(**inputs, logits_to_keep=1)

@@ -69,9 +69,11 @@ class StageContext:
     attention_fn: Callable[[], tuple]
 
     def image_token_counts(self) -> torch.Tensor:
-        """(I,) current number of mergeable patches of each image."""
-        patches = self.image_index[self.image_index >= 0]
-        return torch.bincount(patches, minlength=self.grid_hw.shape[0])
+        """(I,) current number of mergeable patches of each image (no device -> host read)."""
+        patches = self.image_index >= 0
+        counts = torch.zeros(self.grid_hw.shape[0] + 1, dtype=torch.long, device=self.image_index.device)
+        return counts.index_add_(0, torch.where(patches, self.image_index, self.grid_hw.shape[0]).reshape(-1),
+                                 patches.reshape(-1).long())[:-1]
 
     def after_first_image(self) -> torch.Tensor:
         """(B, M) bool, slots after the first vision token of their row."""

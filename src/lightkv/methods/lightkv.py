@@ -14,6 +14,8 @@ from .registry import register_method
 
 __all__ = ["LightKV", "predict_retained_fraction"]
 
+_WIDTH_KEY = "lightkv_prompt_width"  # in StageContext.method_state: the most prompt tokens of a row this call
+
 
 @dataclass(frozen=True)
 class LightKV(WindowMergeMethod):
@@ -84,13 +86,19 @@ class LightKV(WindowMergeMethod):
         return self.guidance != "uniform"
 
     def merge_weights(self, ctx: StageContext, stage: int, groups: torch.Tensor) -> torch.Tensor | None:
-        if self.guidance == "uniform" or not bool((groups >= 0).any()):
+        if self.guidance == "uniform":  # no host read of the groups: the weights are ignored when none merges
             return None
         q, k, scaling = ctx.attention()
         prompt = ctx.token_valid & ~ctx.vision_mask
+        if self.guidance != "faithful":
+            prompt = prompt & ctx.after_first_image()
+        # merges never remove prompt tokens: the most prompt tokens of a row is read once per call
+        width = ctx.method_state.get(_WIDTH_KEY)
+        if width is None:
+            width = ctx.method_state[_WIDTH_KEY] = int(prompt.sum(1).max()) if prompt.shape[0] else 0
         if self.guidance == "faithful":
-            return faithful_guidance(q, k, prompt, ctx.token_valid, scaling)
-        return text_to_vision_guidance(q, k, prompt & ctx.after_first_image(), ctx.token_valid, scaling)
+            return faithful_guidance(q, k, prompt, ctx.token_valid, scaling, width=width)
+        return text_to_vision_guidance(q, k, prompt, ctx.token_valid, scaling, width=width)
 
 
 # family -> (reference depth, stage layers at that depth, windows per side): the paper's settings
