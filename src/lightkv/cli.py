@@ -129,7 +129,9 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     # the defaults are BenchConfig's (lightkv.perf.bench), repeated here so that parsing needs no torch;
     # tests/test_cli.py checks that the two agree
     bench.add_argument("--model", default="llava-1.5-7b",
-                       help="llava-1.5-7b, llava-1.5-13b, tiny, trained[:PATH] (qwen2.5-vl-7b: analytic only)")
+                       help="a real-size spec of lightkv.perf.specs.SPECS (llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b, "
+                            "internvl3-8b, glm-4.1v-9b, mistral-small-3.1-24b, smolvlm2-2.2b; random weights), "
+                            "tiny, or trained[:PATH]; an unknown name lists them")
     bench.add_argument("--methods", default="none,lightkv",
                        help=METHODS_HELP + "; plain lightkv is the model's reference schedule scaled to --layers, "
                                            "another method without a budget is matched to that schedule's budget")
