@@ -35,6 +35,7 @@ from .methods import make_method
 from .runs import cache_bytes, cache_of, decode, fmt, log, make_inputs, median, prefill, ratio
 from .scaling import run_scaling, scaling_markdown
 from .specs import ModelSpec, get_spec
+from .syncs import count_syncs
 from .timer import OverheadTimer
 
 __all__ = ["BenchConfig", "run_bench", "write_outputs", "markdown", "config_from_args", "main", "REQUIRED_KEYS"]
@@ -67,6 +68,8 @@ class BenchConfig:
     budgets_gb: list[float] = field(default_factory=lambda: [24.0, 80.0, 141.0])
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    syncs: bool = True  # count each method's extra device -> host syncs (perf.syncs): 2 more prefills per method
+    sync_decode_steps: int = 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,6 +284,10 @@ def _run(config: BenchConfig, spec: ModelSpec, device: torch.device, dtype: torc
         row["full_size"] = _full_size(spec, text, workload, dtype_bytes)
         rows.append(row)
     _add_ratios(rows)
+    if config.syncs:
+        for row, (label, method) in zip(rows, methods):
+            row["syncs"] = None if method is None else _sync_counts(model, method, inputs, device,
+                                                                    config.sync_decode_steps)
     notes = []
     if depth != spec.num_layers:
         notes.append(f"timing model: real widths, {depth} of {spec.num_layers} decoder layers; schedules scaled "
@@ -292,6 +299,21 @@ def _run(config: BenchConfig, spec: ModelSpec, device: torch.device, dtype: torc
         result["scaling"] = run_scaling(model, spec, methods, texts, config, depth, device, dtype)
     result["meta"]["wall_s"] = time.perf_counter() - started
     return result
+
+
+def _sync_counts(model: torch.nn.Module, method: Method, inputs: dict, device: torch.device, steps: int) -> dict:
+    """Extra device -> host syncs of ``method`` (patched minus unpatched, ``perf.syncs``): per prefill region
+    and per decode step of one prefill and ``steps`` greedy decode steps, as the timing pass runs them."""
+    def run(m: torch.nn.Module) -> None:
+        out, _, _ = prefill(m, inputs, device)
+        if steps:
+            decode(m, cache_of(out), out.logits, inputs["attention_mask"], steps, device)
+
+    report = count_syncs(model, method, inputs, run=run)
+    log(f"  syncs {method.__class__.__name__}: prefill {report.prefill_total:+d} {report.prefill}, "
+        f"decode steps {report.decode}")
+    return {"prefill": report.prefill, "prefill_total": report.prefill_total, "per_stage": report.per_stage,
+            "decode": report.decode, "prefill_ops": report.prefill_ops, "decode_ops": report.decode_ops}
 
 
 def _meta(config: BenchConfig, spec: ModelSpec, depth: int, dtype: torch.dtype, device: torch.device,
@@ -344,6 +366,19 @@ def markdown(result: dict) -> str:
               "prefill (CPU time) = the same ratio of process CPU time (robust to "
               "other processes on a shared CPU, meaningless on GPU); overhead = share of the prefill spent in "
               "lightkv's hooks.", ""]
+    counted = [r for r in rows if r.get("syncs")]
+    if counted:
+        lines += ["Extra device -> host syncs (ops that make the host wait for a GPU, counted on any device; the "
+                  "method's run minus the uncompressed run on the same inputs, `lightkv.perf.syncs`):", "",
+                  "| method | prefill | before decoder | per stage | after | decode steps | prefill ops |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in counted:
+            c = r["syncs"]
+            ops = ", ".join(f"{k} {v:+d}" for k, v in c["prefill_ops"].items()) or "-"
+            lines.append(f"| {r['method']} | {c['prefill_total']:+d} | {c['prefill']['before']:+d} | "
+                         f"{', '.join(f'{v:+d}' for v in c['per_stage'])} | {c['prefill']['after']:+d} | "
+                         f"{', '.join(f'{v:+d}' for v in c['decode'])} | {ops} |")
+        lines.append("")
     full = [r for r in rows if r.get("full_size")]
     if full:
         lines += [f"Analytic at full size ({meta['full_layers']} layers, same prompt, no weights needed):", "",
