@@ -117,6 +117,22 @@ class Adapter:
     def attn_implementation(self) -> str:
         return getattr(self.text_config, "_attn_implementation", None) or "eager"
 
+    def token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                   token_id: int) -> torch.Tensor:
+        """(B, N) bool: where ``token_id`` stands, from the ids or, without them, the test transformers uses:
+        the token's own embedding, before image features are scattered in."""
+        if input_ids is not None:
+            return input_ids == token_id
+        embed = self.entry_module.get_input_embeddings()
+        token = embed(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        return (inputs_embeds == token).all(-1)
+
+    @staticmethod
+    def has_features(call_kwargs: dict, name: str = "image", pixels: str = "pixel_values") -> bool:
+        """Whether ``name`` features come with the call: pixels, or what ``generate`` encoded before the
+        prefill. Without them the model embeds the placeholder ids as text, and so does lightkv."""
+        return call_kwargs.get(pixels) is not None or (call_kwargs.get("mm_encoder_outputs") or {}).get(name) is not None
+
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
         """Locate the vision tokens of a prefill call; None when the prompt has none."""

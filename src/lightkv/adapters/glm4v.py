@@ -32,13 +32,7 @@ class _Glm4vFamilyAdapter(_QwenVLAdapter):
         """(B, N) bool masks of the image and the video tokens: one placeholder id for both, split by
         ``mm_token_type_ids``."""
         config = self.model.config
-        if input_ids is not None:
-            placeholders = input_ids == config.image_token_id
-        else:
-            # the test transformers uses without input_ids: the placeholder embedding before features are scattered
-            embed = self.entry_module.get_input_embeddings()
-            token = embed(torch.tensor(config.image_token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-            placeholders = (inputs_embeds == token).all(-1)
+        placeholders = self.token_mask(input_ids, inputs_embeds, config.image_token_id)
         types = call_kwargs.get("mm_token_type_ids")
         if types is None:
             return placeholders, torch.zeros_like(placeholders)

@@ -93,18 +93,13 @@ class Idefics3Adapter(Adapter):
         return side * tiles, side * tiles
 
     # -- image tokens ----------------------------------------------------------------------------------------
-    def _embedding_equals(self, inputs_embeds: torch.Tensor, token_id: int) -> torch.Tensor:
-        embed = self.entry_module.get_input_embeddings()
-        token = embed(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-        return (inputs_embeds == token).all(-1)
-
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
         config = self.model.config
         if input_ids is not None:
             image_tokens = input_ids == config.image_token_id
         else:
-            image_tokens = self._embedding_equals(inputs_embeds, config.image_token_id)
+            image_tokens = self.token_mask(None, inputs_embeds, config.image_token_id)
         if not bool(image_tokens.any()):
             return None
         encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get("image")
@@ -193,7 +188,7 @@ class Idefics3Adapter(Adapter):
             return marker == global_id
         marker = inputs_embeds[run_row, run_start - 1]  # (R, D)
         if global_id is not None:
-            return self._embedding_equals(marker[None], global_id)[0]
+            return self.token_mask(None, marker[None], global_id)[0]
         reference = marker[last_in_row]
         if not bool((reference == reference[:1]).all()):
             raise ValueError("lightkv: cannot tell the <global-img> token: the last images of the batch rows follow "

@@ -84,18 +84,9 @@ class InternVLAdapter(Adapter):
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
         config = self.model.config
-        if input_ids is not None:
-            image_tokens = input_ids == config.image_token_id
-        else:
-            # the test transformers uses: the placeholder embedding before image features are scattered in
-            embed = self.entry_module.get_input_embeddings()
-            token = embed(torch.tensor(config.image_token_id, device=inputs_embeds.device))
-            image_tokens = (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
-        if not bool(image_tokens.any()):
-            return None
-        encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if call_kwargs.get("pixel_values") is None and encoded is None:
-            return None  # no features come with these ids: the model embeds them as text, so do we
+        image_tokens = self.token_mask(input_ids, inputs_embeds, config.image_token_id)
+        if not bool(image_tokens.any()) or not self.has_features(call_kwargs):
+            return None  # no image ids, or no features come with them: the model embeds them as text, so do we
         grid = self.default_grid()
         if grid is None:
             raise ValueError(f"lightkv: cannot tell the tile token grid of {type(self.model).__name__} from its "

@@ -175,14 +175,7 @@ class LlavaNextAdapter(LlavaAdapter):
         ids = {"image": config.image_token_id}
         if getattr(config, "video_token_id", None) is not None:
             ids["video"] = config.video_token_id
-        if input_ids is not None:
-            return {name: input_ids == token_id for name, token_id in ids.items()}
-        embed = self.entry_module.get_input_embeddings()
-        masks = {}
-        for name, token_id in ids.items():
-            token = embed(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-            masks[name] = (inputs_embeds == token).all(-1)
-        return masks
+        return {name: self.token_mask(input_ids, inputs_embeds, token_id) for name, token_id in ids.items()}
 
     def _items(self, name: str, call_kwargs: dict) -> list[list[tuple]] | None:
         encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get(name)

@@ -162,13 +162,7 @@ class Mistral3Adapter(Adapter):
         image_id = self.model.config.image_token_id
         if input_ids is not None:
             return input_ids == image_id
-        return self._embedding_equals(inputs_embeds, image_id)
-
-    def _embedding_equals(self, inputs_embeds: torch.Tensor, token_id: int) -> torch.Tensor:
-        # the test transformers uses without input_ids: the token's embedding, before features are scattered in
-        embed = self.entry_module.get_input_embeddings()
-        token = embed(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-        return (inputs_embeds == token).all(-1)
+        return self.token_mask(None, inputs_embeds, image_id)
 
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
@@ -258,13 +252,13 @@ class Mistral3Adapter(Adapter):
             row_end = after[torch.nonzero(last_in_row).flatten()[row_ordinal]]
             is_end = (after == row_end).all(-1)
         else:
-            is_end = self._embedding_equals(after[None], end_id)[0]
+            is_end = self.token_mask(None, after[None], end_id)[0]
         breaks = after[~is_end]
         if breaks.shape[0]:
             if break_id is None:
                 same = (breaks == breaks[:1]).all(-1)
             else:
-                same = self._embedding_equals(breaks[None], break_id)[0]
+                same = self.token_mask(None, breaks[None], break_id)[0]
             if not bool(same.all()):
                 raise ValueError("lightkv: rows of [IMG] tokens are followed by different tokens besides [IMG_END]; "
                                  "only [IMG_BREAK] may follow a row")

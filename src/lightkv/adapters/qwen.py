@@ -96,13 +96,8 @@ class _QwenVLAdapter(Adapter):
         types = call_kwargs.get("mm_token_type_ids")
         if types is not None:
             return types == 1, types == 2
-        # the test transformers uses without input_ids: the placeholder embeddings before features are scattered in
-        embed = self.entry_module.get_input_embeddings()
-        masks = []
-        for token_id in (config.image_token_id, config.video_token_id):
-            token = embed(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-            masks.append((inputs_embeds == token).all(-1))
-        return masks[0], masks[1]
+        return (self.token_mask(None, inputs_embeds, config.image_token_id),
+                self.token_mask(None, inputs_embeds, config.video_token_id))
 
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
