@@ -91,8 +91,10 @@ class Adapter:
     # -- structure -------------------------------------------------------------------------------------------
     @property
     def entry_module(self) -> nn.Module:
-        """Module whose forward receives ``input_ids``/``inputs_embeds``, the mask and the cache."""
-        raise NotImplementedError
+        """Module whose forward receives ``input_ids``/``inputs_embeds``, the mask and the cache. Default: the
+        ``.model`` of a model of the first of ``model_classes`` (the class with the LM head), else the model."""
+        head = bool(self.model_classes) and is_instance_of(self.model, self.model_classes[0])
+        return self.model.model if head else self.model
 
     @property
     def language_model(self) -> nn.Module:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout, is_instance_of
+from .base import Adapter, VisionLayout
 
 __all__ = ["Idefics3Adapter", "SmolVLMAdapter"]
 
@@ -54,11 +54,6 @@ class Idefics3Adapter(Adapter):
         self.global_image_token_id = global_image_token_id
 
     # -- structure -------------------------------------------------------------------------------------------
-    @property
-    def entry_module(self) -> nn.Module:
-        head = is_instance_of(self.model, self.model_classes[0])  # the class with the LM head, holding ``.model``
-        return self.model.model if head else self.model
-
     @property
     def language_model(self) -> nn.Module:
         return self.entry_module.text_model

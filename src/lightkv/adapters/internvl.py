@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout, is_instance_of
+from .base import Adapter, VisionLayout
 
 __all__ = ["InternVLAdapter", "tile_layout"]
 
@@ -41,11 +41,6 @@ class InternVLAdapter(Adapter):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration", "InternVLModel")
     model_types = ("internvl",)
-
-    @property
-    def entry_module(self) -> nn.Module:
-        head = is_instance_of(self.model, "InternVLForConditionalGeneration")
-        return self.model.model if head else self.model
 
     @property
     def language_model(self) -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout, is_instance_of
+from .base import Adapter, VisionLayout
 from .mistral3 import has_pixtral_tower
 
 __all__ = ["LlavaAdapter"]
@@ -31,11 +31,6 @@ class LlavaAdapter(Adapter):
     @classmethod
     def matches_config(cls, config) -> bool:
         return super().matches_config(config) and not has_pixtral_tower(config)
-
-    @property
-    def entry_module(self) -> nn.Module:
-        head = is_instance_of(self.model, "LlavaForConditionalGeneration")
-        return self.model.model if head else self.model
 
     @property
     def language_model(self) -> nn.Module:

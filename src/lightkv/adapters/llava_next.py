@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from .base import VisionLayout, is_instance_of
+from .base import VisionLayout
 from .llava import LlavaAdapter
 
 __all__ = ["LlavaNextAdapter", "LlavaOnevisionAdapter"]
@@ -95,10 +95,6 @@ class LlavaNextAdapter(LlavaAdapter):
     # LightKV(window_layout="regrid"): the authors' release re-lays the whole image span (base grid, high-res grid
     # and newline tokens, in sequence order) on one pseudo-square grid, newlines taking cells but never merged
     regrid_flattens_image_span = True
-
-    @property
-    def entry_module(self) -> nn.Module:
-        return self.model.model if is_instance_of(self.model, self.model_classes[0]) else self.model
 
     def vision_feature_attention(self) -> nn.Module:
         raise ValueError(f"lightkv: {type(self.model).__name__} encodes each image as several crops (base + "

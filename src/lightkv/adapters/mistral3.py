@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout, is_instance_of
+from .base import Adapter, VisionLayout
 
 __all__ = ["Mistral3Adapter", "PixtralLlavaAdapter", "has_pixtral_tower"]
 
@@ -70,11 +70,6 @@ class Mistral3Adapter(Adapter):
         self.image_end_token_id = _optional_id("image_end_token_id", image_end_token_id)
 
     # -- structure -------------------------------------------------------------------------------------------
-    @property
-    def entry_module(self) -> nn.Module:
-        head = is_instance_of(self.model, self.model_classes[0])  # the class with the LM head, holding ``.model``
-        return self.model.model if head else self.model
-
     @property
     def language_model(self) -> nn.Module:
         return self.entry_module.language_model

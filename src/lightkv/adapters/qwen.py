@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout, is_instance_of
+from .base import Adapter, VisionLayout
 
 __all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter"]
 
@@ -41,11 +41,6 @@ logger = logging.getLogger("lightkv")
 
 class _QwenVLAdapter(Adapter):
     """Shared by the three Qwen-VL generations (same entry module, token ids and grids)."""
-
-    @property
-    def entry_module(self) -> nn.Module:
-        head = is_instance_of(self.model, self.model_classes[0])  # the class with the LM head, holding ``.model``
-        return self.model.model if head else self.model
 
     @classmethod
     def image_grid(cls, config, max_pixels: int | None = None) -> tuple[int, int] | None:
