@@ -36,6 +36,8 @@ __all__ = ["Handle", "apply", "SUPPORTED_ATTENTION"]
 logger = logging.getLogger("lightkv")
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+# decoder layer types (``text_config.layer_types``) whose masks the engine can rebuild for a shortened sequence
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 _CACHE_KWARGS = ("cache", "past_key_values")
 _MARK = "_lightkv_handle"  # set on the model and on its language model while a handle is active
 
@@ -83,6 +85,8 @@ class Handle:
         method.validate_for(self.num_layers)
         self.stage_layers = tuple(method.stage_layers)
         adapter.validate_stage_layers(self.stage_layers)
+        # per decoder layer: (layer type, sliding window or None); layers of one kind share masks and rotary
+        self.layer_kinds = layer_kinds(adapter.text_config, self.num_layers, max(0, self.stage_layers[0]))
         self.stage_of_layer = {layer: s for s, layer in enumerate(self.stage_layers)}
         self._hooks: list[Any] = []
         self.stats: PrefillStats | None = None
@@ -308,12 +312,12 @@ class Handle:
     def _prefill_layer_pre(self, state: PrefillState, index: int, args: tuple, kwargs: dict) -> Any:
         if state.cache is None:
             state.cache = _cache_in(kwargs)
-            if state.cache is not None and not _is_dynamic(state.cache):
-                raise ValueError("lightkv needs a DynamicCache whose layers are all DynamicLayer (layers of different "
-                                 f"lengths), got {type(state.cache).__name__} with layers "
-                                 f"{sorted({type(layer).__name__ for layer in state.cache.layers})}")
+            if state.cache is not None:
+                _check_cache(state.cache)
+        # the model gives every layer its own type's full-length mask and rotary (Gemma 3: sliding / full)
+        full = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
         if state.full_kwargs is None:
-            state.full_kwargs = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
+            state.full_kwargs = full
         if index == 0 and -1 in self.stage_of_layer:
             # a stage before the decoder: shorten the input embeddings, so every layer caches the short sequence
             hidden = self._run_stage(state, -1, args[0] if args else kwargs["hidden_states"])
@@ -322,7 +326,13 @@ class Handle:
             else:
                 kwargs = {**kwargs, "hidden_states": hidden}
         if state.shortened:
-            kwargs = {**kwargs, **state.segment_kwargs}
+            kind = self.layer_kinds[index]
+            segment_kwargs = state.kind_kwargs.get(kind)
+            if segment_kwargs is None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                segment_kwargs = state.kind_kwargs[kind] = self._segment_kwargs(state, hidden, full, kind)
+            state.segment_kwargs = segment_kwargs
+            kwargs = {**kwargs, **segment_kwargs}
         if index in self.stage_of_layer:
             state.capture_layer = index
             state.capture = {}
@@ -374,11 +384,13 @@ class Handle:
             positions = state.input_position.gather(1, state.orig_index)
             for b in range(keep.shape[0]):
                 state.kept_positions[b].append(positions[b][kept_vision[b]].tolist())
-        state.segment_kwargs = self._segment_kwargs(state, hidden)
+        state.kind_kwargs = {}  # each layer kind's kwargs for the new segment, built at its first layer
         return gather_seq(result.hidden, source, dim=1)
 
-    def _segment_kwargs(self, state: PrefillState, hidden: torch.Tensor) -> dict:
-        full = state.full_kwargs
+    def _segment_kwargs(self, state: PrefillState, hidden: torch.Tensor, full: dict, kind: tuple) -> dict:
+        """Position ids, rotary and mask of the shortened sequence for layers of one kind, from the full-length
+        ones the model gives such a layer: gathered by the kept original positions, so windows, bidirectional
+        blocks and padding stay what they were in original positions."""
         oi, valid = state.orig_index, state.valid
         B, M = oi.shape
         out: dict[str, Any] = {}
@@ -390,7 +402,9 @@ class Handle:
             rank = (torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)
             new_ids = start + rank.view([1] * (position_ids.dim() - 2) + [B, M])
             out["position_ids"] = new_ids
-            out["position_embeddings"] = self.adapter.rotary_embeddings(hidden, new_ids)
+            per_type = "layer_type" in inspect.signature(self.adapter.rotary_embeddings).parameters
+            out["position_embeddings"] = (self.adapter.rotary_embeddings(hidden, new_ids, layer_type=kind[0])
+                                          if per_type else self.adapter.rotary_embeddings(hidden, new_ids))
         else:
             out["position_ids"] = gather_seq(position_ids, oi, dim=-1)
             cos, sin = full["position_embeddings"]
@@ -403,27 +417,35 @@ class Handle:
 
     def _decode_layer_pre(self, state: DecodeState, index: int, args: tuple, kwargs: dict) -> Any:
         segment = state.record.layer_segment[index]
-        if segment not in state.masks:
-            state.masks[segment] = self._decode_mask(state, segment, index, args, kwargs)
-        return args, {**kwargs, "attention_mask": state.masks[segment]}
+        window = self.layer_kinds[index][1]
+        # the keys a layer attends to: its cached slots (a sliding-window cache layer keeps only the last ones)
+        # and the new tokens; layers of one segment, window and cache size share one mask
+        key = (segment, window, _cached_slots(state.cache, index))
+        if key not in state.masks:
+            state.masks[key] = self._decode_mask(state, segment, index, window, key[2], args, kwargs)
+        return args, {**kwargs, "attention_mask": state.masks[key]}
 
-    def _decode_mask(self, state: DecodeState, segment: int, index: int, args: tuple, kwargs: dict) -> Any:
+    def _decode_mask(self, state: DecodeState, segment: int, index: int, window: int | None, cached: int,
+                     args: tuple, kwargs: dict) -> Any:
         record = state.record
         oi, valid = record.segments[segment]
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
         decoded = _decoded_tokens(record, state.cache, index)
         mask = kwargs.get("attention_mask")
-        if 0 in record.layer_segment:
-            # no layer holds the full prefill (a stage -1): the model sized its mask from a short cache, so
-            # this layer's mask is built from causality in original positions and the call's 2-D padding mask
-            allowed = decode_mask(oi, valid, record.prefill_length, decoded, q, padding=state.padding_mask)
-        elif mask is None:
+        if window is None and mask is None and 0 not in record.layer_segment:
             if q == 1 and record.segment_unpadded[segment]:
-                return None
+                return None  # sdpa without padding: one new token sees every cached slot
             allowed = decode_mask(oi, valid, record.prefill_length, decoded, q)
-        else:
+        elif window is None and mask is not None and 0 not in record.layer_segment and state.padding_mask is None \
+                and mask.dim() == 4 and mask.shape[-1] == record.prefill_length + decoded + q:
             allowed = decode_mask(oi, valid, record.prefill_length, decoded, q, full_mask=mask)
+        else:
+            # built from causality in original positions, the window and the call's 2-D padding mask: the model
+            # sized its own mask from another layer's cache (a stage -1 shortens every layer; Gemma 3 sizes the
+            # full-attention mask from its first full layer and the sliding one from a sliding-window cache)
+            allowed = decode_mask(oi, valid, record.prefill_length, decoded, q, padding=state.padding_mask,
+                                  window=window, keep_last=cached + q)
         return to_attention_format(allowed, mask, self.adapter.attn_implementation(), hidden.dtype)
 
 
@@ -467,11 +489,54 @@ def _check_lengths(record: SequenceRecord, cache: Any) -> None:
                          "prompt or edited by hand? Prefill the prompt again")
 
 
-def _is_dynamic(cache: Any) -> bool:
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+def _cached_slots(cache: Any, layer: int) -> int:
+    """Key/value slots cache layer ``layer`` holds now (a shape read): a sliding-window layer keeps the last ones."""
+    keys = getattr(cache.layers[layer], "keys", None)
+    return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0
 
-    return isinstance(cache, DynamicCache) and all(
-        type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))
+
+def _check_cache(cache: Any) -> None:
+    """A cache whose layers may hold different lengths: DynamicCache with DynamicLayer / DynamicSlidingWindowLayer
+    layers (the one transformers builds for hybrid decoders such as Gemma 3), nothing static or quantized."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"lightkv needs a DynamicCache (its layers can hold different lengths), got "
+                         f"{type(cache).__name__} with layers {kinds}")
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise ValueError(f"lightkv needs DynamicCache layers of type DynamicLayer or DynamicSlidingWindowLayer, "
+                             f"this cache has {kinds}")
+        if getattr(layer, "record_past", False):
+            raise ValueError("lightkv cannot shorten a sliding-window cache layer that records its past "
+                             "(activate_past_recording, used by assisted decoding)")
+
+
+def layer_kinds(config: Any, num_layers: int, first_shortened: int) -> list[tuple[str, int | None]]:
+    """(layer type, sliding window or None) of every decoder layer, from ``config.layer_types``.
+
+    Raises ValueError for a layer type the engine cannot shorten (chunked or linear attention, ...) at or after
+    ``first_shortened``: its mask could not be rebuilt in original positions.
+    """
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        types = ["full_attention"] * num_layers
+    kinds: list[tuple[str, int | None]] = []
+    for index in range(num_layers):
+        layer_type = types[index] if index < len(types) else "full_attention"
+        window = None
+        if layer_type == "sliding_attention":
+            window = getattr(config, "sliding_window", None)
+            if not isinstance(window, int) or window <= 0:
+                raise ValueError(f"lightkv: decoder layer {index} is a sliding-window layer but the text config's "
+                                 f"sliding_window is {window!r}")
+        elif layer_type != "full_attention" and index >= first_shortened:
+            raise ValueError(f"lightkv: decoder layer {index} is a {layer_type!r} layer, which lightkv cannot "
+                             f"shorten (supported: {', '.join(SUPPORTED_LAYER_TYPES)}); place every stage after the "
+                             "last such layer, or use a model without them")
+        kinds.append((layer_type, window))
+    return kinds
 
 
 def apply(model: nn.Module, method: Method, record: bool = False) -> Handle:

@@ -76,14 +76,16 @@ def prefill_mask(orig_index: torch.Tensor, valid: torch.Tensor, full_mask: torch
 
 
 def decode_mask(orig_index: torch.Tensor, valid: torch.Tensor, prefill_length: int, decoded: int, q: int,
-                full_mask: torch.Tensor | None = None, padding: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                full_mask: torch.Tensor | None = None, padding: torch.Tensor | None = None,
+                window: int | None = None, keep_last: int | None = None) -> torch.Tensor:
     """(B, 1, q, K) bool mask of a shortened layer for ``q`` new tokens after ``decoded`` earlier ones.
 
-    The layer caches the K = M + decoded slots: the prefill slots ``orig_index`` / ``valid`` (B, M), then every
-    token appended since. full_mask: the 4-D mask the model built over all prefill_length + decoded + q
-    original columns (its columns are gathered); without it, causality in original positions, and
+    The layer's keys are K = M + decoded + q slots: the prefill slots ``orig_index`` / ``valid`` (B, M), every
+    token appended since, and the new ones. full_mask: the 4-D mask the model built over all prefill_length +
+    decoded + q original columns (its columns are gathered); without it, causality in original positions, and
     ``padding`` (B, prefill_length + decoded + q), the call's 2-D padding mask, when given.
+    window: a sliding-window layer's window, in original positions (a query at p sees keys at p - window < k).
+    keep_last: only the last ``keep_last`` slots are keys (a sliding-window cache layer keeps the last ones).
     """
     B, M = orig_index.shape
     device = orig_index.device
@@ -104,4 +106,10 @@ def decode_mask(orig_index: torch.Tensor, valid: torch.Tensor, prefill_length: i
             raise ValueError(f"lightkv: decode mask covers {full_mask.shape[-1]} keys, expected {total}")
         full_allowed = allowed_from_mask(full_mask)[:, 0].expand(B, q, -1)
         allowed = full_allowed.gather(2, cols[:, None, :].expand(B, q, cols.shape[1]))
-    return (allowed & col_valid[:, None, :])[:, None]
+    allowed = allowed & col_valid[:, None, :]
+    if window is not None:
+        query_pos = prefill_length + decoded + torch.arange(q, device=device)
+        allowed = allowed & (cols[:, None, :] > query_pos[None, :, None] - window)
+    if keep_last is not None and keep_last < allowed.shape[-1]:
+        allowed = allowed[..., allowed.shape[-1] - keep_last:]
+    return allowed[:, None]

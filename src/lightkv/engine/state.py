@@ -118,8 +118,9 @@ class PrefillState:
         self.slot_maps: list[torch.Tensor] = [self.orig_index]  # slot_of_orig before the first and after each stage
         self.shortened = False
         self.next_layer = 0  # decoder layers run in order: a layer below this one means a new, direct call
-        self.full_kwargs: dict | None = None
-        self.segment_kwargs: dict | None = None
+        self.full_kwargs: dict | None = None  # kwargs the first hooked layer received (full length)
+        self.segment_kwargs: dict | None = None  # the shortened kwargs given to the layer running now
+        self.kind_kwargs: dict[tuple, dict] = {}  # per layer kind: shortened kwargs of the current segment
         self.segments: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.segment_unpadded: list[bool] = []
         self.cache = None
@@ -140,5 +141,5 @@ class DecodeState:
         self.record = record
         self.cache = cache
         self.padding_mask = padding_mask  # the call's 2-D attention mask (B, all tokens so far), if any
-        self.masks: dict[int, Any] = {}  # segment -> mask of this call
+        self.masks: dict[tuple, Any] = {}  # (segment, window, cached slots) -> mask of this call
         self.next_layer = 0
