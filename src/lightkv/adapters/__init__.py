@@ -18,6 +18,8 @@ from .glm4v import Glm4vAdapter, Glm4vMoeAdapter, Glm46VAdapter
 from .qwen import Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .mistral3 import Mistral3Adapter, PixtralLlavaAdapter
+from .gemma3 import Gemma3Adapter
+from .aya_vision import AyaVisionAdapter
 
 __all__ = ["Adapter", "VisionLayout", "ADAPTERS", "SUPPORTED_FAMILIES", "get_adapter", "adapter_class_for_config",
            "register_adapter", "is_instance_of", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter",
@@ -38,6 +40,9 @@ __all__ += ["Mistral3Adapter", "PixtralLlavaAdapter"]
 
 ADAPTERS.extend([Idefics3Adapter, SmolVLMAdapter])
 __all__ += ["Idefics3Adapter", "SmolVLMAdapter"]
+
+ADAPTERS.extend([Gemma3Adapter, AyaVisionAdapter])
+__all__ += ["Gemma3Adapter", "AyaVisionAdapter"]
 
 # family -> model class names, following ADAPTERS
 SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {}
