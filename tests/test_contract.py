@@ -31,6 +31,8 @@ from lightkv.testing import glm4v_prompt, tiny_glm4v
 from lightkv.testing import mistral3_prompt, tiny_mistral3, tiny_pixtral_llava
 from lightkv.testing import idefics3_prompt, tiny_idefics3
 from lightkv.testing import llava_next_prompt, tiny_llava_next, tiny_llava_onevision
+from lightkv.testing import gemma3_prompt, tiny_gemma3
+from lightkv.testing import aya_vision_prompt, tiny_aya_vision
 from helpers import check_batched_equals_unbatched, check_remove_restores, check_text_only_passes_through, generate
 
 N_LAYERS = 4
@@ -147,6 +149,32 @@ FAMILIES["smolvlm"] = Family(lambda attn: tiny_idefics3(num_layers=N_LAYERS, att
                              _idefics3_prompts, IDEFICS3_GRIDS)
 
 
+def _gemma3_prompts(model):  # boi + 8x8 image tokens + eoi per image; every image prompt is longer than the window
+    return [gemma3_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], num_images=1, seed=1),
+            gemma3_prompt(model, [1, 13], [25, 26, 27], num_images=2, seed=2),
+            gemma3_prompt(model, [1, 14, 15, 16, 17], [28, 29], num_images=0, seed=3)]
+
+
+# Gemma 3's hybrid decoder: sliding-window layers (window 24) and a full-attention layer, each with its own RoPE
+# base, bidirectional attention inside an image; the stages (layers 1, 2) shorten one layer of each type
+FAMILIES["gemma3"] = Family(
+    lambda attn: tiny_gemma3(num_layers=N_LAYERS, attn_implementation=attn, sliding_window=24,
+                             layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                          "sliding_attention"]),
+    _gemma3_prompts, (((8, 8),), ((8, 8), (8, 8)), ()))
+
+
+
+def _aya_vision_prompts(model):  # per image: tiles, the last one the global thumbnail, each an 8x8 grid
+    return [aya_vision_prompt(model, [1, 10, 11, 12], [20, 21, 22, 23, 24], tiles=[2], seed=1),
+            aya_vision_prompt(model, [1, 13], [25, 26, 27], tiles=[1, 2], seed=2),
+            aya_vision_prompt(model, [1, 14, 15, 16, 17], [28, 29], tiles=[], seed=3)]
+
+
+# Aya Vision's Cohere2 decoder: sliding-window layers with RoPE (window 24), a global layer without
+FAMILIES["aya_vision"] = Family(lambda attn: tiny_aya_vision(num_layers=N_LAYERS, attn_implementation=attn),
+                                _aya_vision_prompts, (((8, 8),) * 2, ((8, 8),) * 3, ()))
+
 @dataclass(frozen=True)
 class MethodCase:
     make: Callable[[], lightkv.Method]
@@ -190,7 +218,7 @@ METHOD_CASES = {
                             | {f: "CLS token" for f in ("glm4v", "glm4v_moe", "glm46v")}),
 }
 
-METHOD_CASES["visionzip"].unsupported.update({"llava_next": "crops", "llava_onevision": "CLS token"})
+METHOD_CASES["visionzip"].unsupported.update({"llava_next": "crops", "llava_onevision": "CLS token", "gemma3": "CLS token", "aya_vision": "CLS token"})
 
 
 @functools.cache
@@ -231,9 +259,14 @@ def test_kept_counts_equal_the_prediction(case):
         unmerged = spec.unmerged[sample] if spec.unmerged else 0
         assert stats.vision_tokens[sample] == [n + unmerged for n in expected], sample
     assert stats.vision_tokens[0][-1] < sum(h * w for h, w in spec.grids[0])  # the method did remove tokens
-    # every layer caches the longest row: its real tokens, the rest is padding
+    # every layer caches the longest row: its real tokens, the rest is padding (a sliding-window cache layer:
+    # its last window - 1 of them)
     tokens = [max(row[layer] for row in stats.tokens) for layer in range(N_LAYERS)]
-    assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == tokens
+    cache_layers = out.past_key_values.layers
+    assert [layer.get_seq_length() for layer in cache_layers] == tokens
+    assert [layer.keys.shape[2] for layer in cache_layers] == [
+        min(n, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else n
+        for n, layer in zip(tokens, cache_layers)]
 
 
 def test_merges_stay_inside_one_image_and_window_and_text_is_untouched(case):

@@ -58,7 +58,7 @@ def batch_prompts(prompts: list[dict], pad_token_id: int = 0) -> dict:
     """Left-pad single-sample prompts into one batch. Per-token inputs (input_ids, attention_mask,
     mm_token_type_ids) are left-padded; pixel values and Qwen grids are concatenated in order."""
     length = max(p["input_ids"].shape[1] for p in prompts)
-    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
     out = {}
     for key, value in pad_values.items():
         if key not in prompts[0]:
@@ -629,4 +629,124 @@ def glm4v_prompt(model, text_before: list[int], text_after: list[int], images: l
         grid = torch.tensor(video_grids)
         out["pixel_values_videos"] = torch.randn(int(grid.prod(1).sum()), patch_dim, generator=gen)
         out["video_grid_thw"] = grid
+    return out
+
+
+# -- Gemma 3 ----------------------------------------------------------------------------------------------------
+
+__all__ += ["tiny_gemma3", "gemma3_prompt"]
+
+GEMMA3_IMAGE_TOKEN, GEMMA3_BOI, GEMMA3_EOI = 127, 125, 126
+
+
+def tiny_gemma3(num_layers: int = 6, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                vocab_size: int = 128, sliding_window: int = 24, grid: int = 8,
+                layer_types: list[str] | None = None):
+    """A random ``Gemma3ForConditionalGeneration`` with Gemma 3's hybrid decoder: five sliding-window layers then one
+    full-attention layer (``layer_types`` overrides the pattern), each type with its own RoPE base, a
+    ``sliding_window`` smaller than a prompt with an image, and ``grid`` x ``grid`` tokens per image (a SigLIP
+    tower on 2-px patches, average-pooled 2 x 2 as in Gemma 3)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=grid * 4, patch_size=2)
+    text = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=sliding_window, layer_types=layer_types, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=grid * grid,
+                          image_token_index=GEMMA3_IMAGE_TOKEN, boi_token_index=GEMMA3_BOI, eoi_token_index=GEMMA3_EOI,
+                          pad_token_id=0)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.suppress_tokens = [GEMMA3_IMAGE_TOKEN, GEMMA3_BOI, GEMMA3_EOI]
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+        for name, p in model.model.language_model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                # trained QK-norm scales differ per dimension; uniform ones would give every key the same norm
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def gemma3_prompt(model, text_before: list[int], text_after: list[int], num_images: int = 1, seed: int = 0) -> dict:
+    """Processor-free Gemma3 inputs (batch 1), as ``Gemma3Processor`` lays them out: per image (or Pan & Scan crop)
+    ``<start_of_image>``, ``mm_tokens_per_image`` image tokens, ``<end_of_image>``, consecutive images separated by
+    one text token; ``token_type_ids`` 1 on image tokens; random pixels."""
+    config = model.config
+    ids = list(text_before)
+    for i in range(num_images):
+        if i:
+            ids.append(5 + i)
+        ids += [GEMMA3_BOI] + [config.image_token_id] * config.mm_tokens_per_image + [GEMMA3_EOI]
+    ids += list(text_after)
+    input_ids = torch.tensor([ids])
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+           "token_type_ids": (input_ids == config.image_token_id).long()}
+    if num_images:
+        size = config.vision_config.image_size
+        out["pixel_values"] = torch.randn(num_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+# -- Aya Vision ----------------------------------------------------------------------------------------------------
+
+__all__ += ["tiny_aya_vision", "aya_vision_prompt"]
+
+AYA_IMAGE_TOKEN, AYA_START, AYA_END, AYA_TILE, AYA_TILE_GLOBAL = 127, 124, 125, 126, 123
+
+
+def tiny_aya_vision(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
+                    vocab_size: int = 128, sliding_window: int = 24, grid: int = 8):
+    """A random ``AyaVisionForConditionalGeneration``: a SigLIP tower on 2-px patches pixel-shuffled 2 x 2 into
+    ``grid`` x ``grid`` tokens per tile, and a Cohere2 decoder with Aya's pattern (three sliding-window layers with
+    RoPE, then a global layer without), the window smaller than a prompt with an image."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, Cohere2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=grid * 4, patch_size=2)
+    text = Cohere2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         sliding_window=sliding_window, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, logit_scale=1.0)
+    config = AyaVisionConfig(vision_config=vision, text_config=text, image_token_index=AYA_IMAGE_TOKEN,
+                             downsample_factor=2, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(seed)
+    model = AyaVisionForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.suppress_tokens = [AYA_IMAGE_TOKEN, AYA_START, AYA_END, AYA_TILE, AYA_TILE_GLOBAL]
+    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def aya_vision_prompt(model, text_before: list[int], text_after: list[int], tiles: list[int] = (2,),
+                      seed: int = 0) -> dict:
+    """Processor-free Aya Vision inputs (batch 1), as ``AyaVisionProcessor`` lays them out: per image with n tiles
+    (the last one the global thumbnail) ``<|START_OF_IMG|>``, per tile a marker token and the tile's patch tokens,
+    ``<|END_OF_IMG|>``; consecutive images separated by one text token; random pixels, one image per tile."""
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size // config.downsample_factor
+    ids = list(text_before)
+    for i, n in enumerate(tiles):
+        if i:
+            ids.append(5 + i)
+        ids.append(AYA_START)
+        for t in range(n):
+            ids += [AYA_TILE_GLOBAL if t == n - 1 else AYA_TILE] + [config.image_token_id] * (side * side)
+        ids.append(AYA_END)
+    ids += list(text_after)
+    input_ids = torch.tensor([ids])
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if sum(tiles):
+        size = config.vision_config.image_size
+        out["pixel_values"] = torch.randn(sum(tiles), 3, size, size, generator=torch.Generator().manual_seed(seed))
     return out
