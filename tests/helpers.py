@@ -114,3 +114,25 @@ def check_text_only_passes_through(model, inputs, method, num_layers):
     assert handle.stats.vision_tokens == [[0] * num_layers]
     assert handle.stats.mean_retained_fraction is None and hook_counts(model) == hooks_before
     return handle.stats
+
+
+def capture_attention_inputs(model, inputs):
+    """Run ``model`` (eager, output_attentions=True) recording, per decoder layer, the outputs of its q/k
+    projections ("q", "k") and the kwargs the layer received ("kwargs"). Returns (output, {layer: record})."""
+    adapter = lightkv.adapters.get_adapter(model)
+    seen, hooks = {}, []
+    for i, layer in enumerate(adapter.decoder_layers):
+        record = seen.setdefault(i, {})
+        hooks.append(adapter.query_projection(layer).register_forward_hook(
+            lambda m, a, out, record=record: record.__setitem__("q", out)))
+        hooks.append(adapter.key_projection(layer).register_forward_hook(
+            lambda m, a, out, record=record: record.__setitem__("k", out)))
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, a, kw, record=record: record.__setitem__("kwargs", kw), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, seen

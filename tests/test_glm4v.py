@@ -13,7 +13,7 @@ import lightkv
 from lightkv.adapters import Glm46VAdapter, Glm4vAdapter, Glm4vMoeAdapter, adapter_class_for_config, get_adapter
 from lightkv.testing import GLM_IMAGE_END, GLM_IMAGE_START, batch_prompts, glm4v_prompt, tiny_glm4v
 
-from helpers import check_batched_equals_unbatched, generate
+from helpers import capture_attention_inputs, check_batched_equals_unbatched, generate
 
 N_LAYERS = 4
 VARIANTS = {"glm4v": Glm4vAdapter, "glm4v_moe": Glm4vMoeAdapter, "glm46v": Glm46VAdapter}
@@ -43,21 +43,9 @@ def test_guidance_queries_and_keys_are_the_models(variant):
     model = tiny(variant, "eager")
     adapter = get_adapter(model)
     inputs = glm4v_prompt(model, [1, 10, 11], [20, 21], images=[(4, 6)])
-    captured, hooks = {}, []
-    for i, layer in enumerate(adapter.decoder_layers):
-        attn = adapter.attention(layer)
-        hooks.append(adapter.query_projection(layer).register_forward_hook(
-            lambda m, a, out, i=i: captured.__setitem__((i, "q"), out)))
-        hooks.append(adapter.key_projection(layer).register_forward_hook(
-            lambda m, a, out, i=i: captured.__setitem__((i, "k"), out)))
-        hooks.append(attn.register_forward_pre_hook(
-            lambda m, a, kw, i=i: captured.__setitem__((i, "pe"), kw["position_embeddings"]), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = model(**inputs, output_attentions=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    out, seen = capture_attention_inputs(model, inputs)
+    captured = {(i, name): record[name] for i, record in seen.items() for name in ("q", "k")}
+    captured.update({(i, "pe"): record["kwargs"]["position_embeddings"] for i, record in seen.items()})
     N = inputs["input_ids"].shape[1]
     causal = torch.full((N, N), float("-inf")).triu(1)
     rotary = captured[(0, "pe")][0].shape[-1]

@@ -20,7 +20,7 @@ import lightkv
 from lightkv.engine.handle import layer_kinds
 from lightkv.engine.masks import decode_mask
 from lightkv.testing import aya_vision_prompt, batch_prompts, gemma3_prompt, tiny_aya_vision, tiny_gemma3
-from helpers import KeepPositions, generate
+from helpers import KeepPositions, capture_attention_inputs, generate
 
 WINDOW = 24
 NEW = 30  # generated tokens: more than the sliding window
@@ -260,24 +260,11 @@ def test_guidance_queries_and_keys_are_the_models_own_on_every_layer_type(family
     inputs = prompts(model)[0] if family == "gemma3" else aya_batch(model)
     adapter = lightkv.adapters.get_adapter(model)
     layers = adapter.decoder_layers
-    seen, hooks = {}, []
-    for i, layer in enumerate(layers):
-        hooks.append(adapter.query_projection(layer).register_forward_hook(
-            lambda m, a, out, i=i: seen.setdefault(i, {}).__setitem__("q", out)))
-        hooks.append(adapter.key_projection(layer).register_forward_hook(
-            lambda m, a, out, i=i: seen.setdefault(i, {}).__setitem__("k", out)))
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, kw, i=i: seen.setdefault(i, {}).update(mask=kw["attention_mask"],
-                                                                rope=kw["position_embeddings"]), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = model(**inputs, output_attentions=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    out, seen = capture_attention_inputs(model, inputs)
     types = model.config.text_config.layer_types
     for i in (types.index("sliding_attention"), types.index("full_attention")):
-        q, k, scaling = adapter.queries_keys(layers[i], seen[i]["q"], seen[i]["k"], seen[i]["rope"])
+        kwargs = seen[i]["kwargs"]
+        q, k, scaling = adapter.queries_keys(layers[i], seen[i]["q"], seen[i]["k"], kwargs["position_embeddings"])
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * scaling + seen[i]["mask"], dim=-1)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * scaling + kwargs["attention_mask"], dim=-1)
         torch.testing.assert_close(probs, out.attentions[i], rtol=1e-4, atol=1e-5)

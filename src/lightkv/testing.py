@@ -97,16 +97,26 @@ def _qwen_ids() -> dict:
                 vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)
 
 
-def _finish(model, attn_implementation: str):
+def _finish_tiny(model, attn_implementation: str, placeholders: list[int], norms: tuple[str, ...] = ()):
+    """Set the attention implementation, suppress the vision placeholder ids (a random model may emit them; an
+    uncached step would then look for their features) and scale the text model's random weights up: see
+    tiny_llava, a larger scale makes tokens (and so merges and logits) more distinct. ``norms``: names of 1-D
+    norm weights drawn at random too (trained QK-norm scales differ per dimension; uniform ones give every key
+    the same norm)."""
     model.set_attn_implementation(attn_implementation)
-    # a random model may emit the vision placeholder ids; an uncached step would then look for image features
-    model.generation_config.suppress_tokens = [QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN,
-                                               QWEN_IMAGE_TOKEN]
-    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
-        for p in model.model.language_model.parameters():
+    model.generation_config.suppress_tokens = list(placeholders)
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
+            elif norms and name.endswith(norms):
+                p.normal_(0, 0.5)
     return model.eval()
+
+
+def _finish(model, attn_implementation: str):
+    return _finish_tiny(model, attn_implementation, [QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN,
+                                                     QWEN_IMAGE_TOKEN])
 
 
 def tiny_qwen2_vl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: int = 0, hidden_size: int = 64,
@@ -230,14 +240,7 @@ def tiny_internvl(num_layers: int = 4, attn_implementation: str = "sdpa", seed: 
                             image_seq_length=tile_grid * tile_grid)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    # a random model may emit the placeholder id; an uncached step would then look for its image features
-    model.generation_config.suppress_tokens = [INTERNVL_IMG_START, INTERNVL_IMG_END, INTERNVL_IMAGE_TOKEN]
-    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
-        for p in model.model.language_model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model.eval()
+    return _finish_tiny(model, attn_implementation, [INTERNVL_IMG_START, INTERNVL_IMG_END, INTERNVL_IMAGE_TOKEN])
 
 
 def internvl_prompt(model, text_before: list[int], text_after: list[int], tiles: list[int] = (3,),
@@ -662,17 +665,10 @@ def tiny_gemma3(num_layers: int = 6, attn_implementation: str = "sdpa", seed: in
                           pad_token_id=0)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.suppress_tokens = [GEMMA3_IMAGE_TOKEN, GEMMA3_BOI, GEMMA3_EOI]
-    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
+    with torch.no_grad():  # zeros at init: every image would project to the same features
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
-        for name, p in model.model.language_model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")):
-                # trained QK-norm scales differ per dimension; uniform ones would give every key the same norm
-                p.normal_(0, 0.5)
-    return model.eval()
+    return _finish_tiny(model, attn_implementation, [GEMMA3_IMAGE_TOKEN, GEMMA3_BOI, GEMMA3_EOI],
+                        norms=("q_norm.weight", "k_norm.weight"))
 
 
 def gemma3_prompt(model, text_before: list[int], text_after: list[int], num_images: int = 1, seed: int = 0) -> dict:
@@ -719,13 +715,7 @@ def tiny_aya_vision(num_layers: int = 4, attn_implementation: str = "sdpa", seed
                              downsample_factor=2, vision_feature_layer=-1, vision_feature_select_strategy="full")
     torch.manual_seed(seed)
     model = AyaVisionForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.suppress_tokens = [AYA_IMAGE_TOKEN, AYA_START, AYA_END, AYA_TILE, AYA_TILE_GLOBAL]
-    with torch.no_grad():  # see tiny_llava: a larger scale makes tokens (and so merges and logits) more distinct
-        for p in model.model.language_model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model.eval()
+    return _finish_tiny(model, attn_implementation, [AYA_IMAGE_TOKEN, AYA_START, AYA_END, AYA_TILE, AYA_TILE_GLOBAL])
 
 
 def aya_vision_prompt(model, text_before: list[int], text_after: list[int], tiles: list[int] = (2,),

@@ -9,6 +9,12 @@ A stage at layer -1 runs in the pre-hook of decoder layer 0, on the input embedd
 the short sequence, so at decode steps the engine supplies position ids (when the caller gives none) and
 builds every layer's mask from causality in original positions and the call's 2-D padding mask.
 
+Hybrid decoders (Gemma 3, Aya Vision: ``text_config.layer_types`` mixes sliding-window and full attention): the
+model gives each layer its own type's full-length mask and rotary, and each is gathered by the kept original
+positions at the first shortened layer of that kind, so windows and bidirectional image blocks stay defined in
+original positions. At decode steps a shortened layer's mask is built from causality (and the window) in original
+positions over the slots its cache layer holds: a ``DynamicSlidingWindowLayer`` keeps its last window - 1 slots.
+
 Hooks are small callable objects holding the handle (not closures), so ``copy.deepcopy`` of a patched model
 gives a patched copy whose hooks act on the copy.
 """
