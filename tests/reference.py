@@ -19,14 +19,17 @@ def bands(size: int, windows: int) -> list[int]:
     return out
 
 
-def reference_stage(hidden, image_of, rows, cols, grids, guidance, windows, ratio, min_per_window=8):
+def reference_stage(hidden, image_of, rows, cols, grids, guidance, windows, ratio, min_per_window=8,
+                    with_destination=False):
     """One stage on one batch row.
 
     hidden: (N, D) tensor; image_of: list of image id or -1 per slot; rows/cols: lists of grid coordinates;
-    grids: {image: (H, W)}; guidance: list of weights or None. Returns (keep list[bool], new hidden (N, D)).
+    grids: {image: (H, W)}; guidance: list of weights or None. Returns (keep list[bool], new hidden (N, D)), and
+    with_destination=True the slot each token went to (itself when kept) as a third item.
     """
     N = hidden.shape[0]
     keep = [True] * N
+    destination = list(range(N))
     new_hidden = hidden.clone()
     weights = [1.0] * N if guidance is None else [float(g) for g in guidance]
     for image, (H, W) in grids.items():
@@ -58,6 +61,7 @@ def reference_stage(hidden, image_of, rows, cols, grids, guidance, windows, rati
             received: dict[int, list[int]] = {}
             for _, _, a, b in scores[:r]:
                 keep[a] = False
+                destination[a] = b
                 received.setdefault(b, []).append(a)
             for b, group in received.items():
                 total = weights[b] + sum(weights[a] for a in group)
@@ -71,7 +75,7 @@ def reference_stage(hidden, image_of, rows, cols, grids, guidance, windows, rati
                     for a in group:
                         acc = acc + hidden[a].double()
                     new_hidden[b] = (acc / (1 + len(group))).to(hidden.dtype)
-    return keep, new_hidden
+    return (keep, new_hidden, destination) if with_destination else (keep, new_hidden)
 
 
 def reference_faithful(q, k, prompt, valid, scaling):

@@ -75,13 +75,17 @@ def regrid_counts(n: int, windows: int) -> list[int]:
 
 
 
-def regrid_kept_counts(n: int, windows: Sequence[int], ratios: Sequence[float], min_tokens_per_window: int
-                       ) -> list[int]:
-    """Tokens of one grid of ``n`` tokens left after each windowed-merge stage under the "regrid" layout (exact:
-    the windows follow from the count alone). A stage is skipped below min_tokens_per_window x windows^2."""
+def regrid_kept_counts(n: int, windows: Sequence[int], ratios: Sequence[float], min_tokens_per_window: int,
+                       rounds: Sequence[int] | None = None) -> list[int]:
+    """Tokens of one grid of ``n`` tokens left after each windowed-merge stage (of ``rounds`` rounds in the same
+    windows) under the "regrid" layout (exact: the windows follow from the count alone). A stage is skipped below
+    min_tokens_per_window x windows^2."""
     counts_after = []
-    for w_side, ratio in zip(windows, ratios):
+    for w_side, ratio, stage_rounds in zip(windows, ratios, rounds or (1,) * len(windows)):
         if n >= min_tokens_per_window * w_side * w_side:
-            n -= int(merge_count(ratio, torch.tensor(regrid_counts(n, w_side))).sum())
+            per_window = torch.tensor(regrid_counts(n, w_side))
+            for _ in range(stage_rounds):
+                per_window = per_window - merge_count(ratio, per_window)
+            n = int(per_window.sum())
         counts_after.append(n)
     return counts_after
