@@ -109,8 +109,12 @@ def test_budget_on_llava_7b_depth():
     assert abs(match.retained_fraction - 0.55) < 0.01
     assert match.retained_fraction == lightkv.retained_fraction(match.method, 32, [(24, 24)])
     assert lightkv.match_budget("lightkv", 0.6, 32, 576).method.layers == (12, 18, 24)
-    # a target beyond reach gives the closest configuration: everything dropped after layer 0
-    low = lightkv.match_budget("fastv", 0.01, 32, 576)
+    # a target beyond reach is an error naming the floor (everything dropped after layer 0: 1/32); strict=False
+    # gives the closest configuration
+    with pytest.raises(ValueError, match=r"fastv@0.01 is out of reach on 32 decoder layers with images of 24x24 "
+                                         r"tokens: the lowest budget fastv reaches there is 0.031"):
+        lightkv.match_budget("fastv", 0.01, 32, 576)
+    low = lightkv.match_budget("fastv", 0.01, 32, 576, strict=False)
     assert (low.method.layer, low.method.ratio) == (0, 1.0)
     assert low.retained_fraction == pytest.approx(1 / 32)
 
@@ -143,7 +147,8 @@ def test_budget_registry_and_bad_input():
     lightkv.register_budget("test_only", fake)
     try:
         assert "test_only" in budget.budget_methods()
-        assert lightkv.match_budget("test_only", 0.5, 2, (4, 6)).kept_per_layer == [24, 12]
+        # strict=False: this fake matcher does not search (its answer for 0.5 lands at 0.75)
+        assert lightkv.match_budget("test_only", 0.5, 2, (4, 6), strict=False).kept_per_layer == [24, 12]
     finally:
         unregister_method("test_only")
     assert "test_only" not in budget.budget_methods()

@@ -164,7 +164,8 @@ def test_register_budget_old_signature_is_adapted():
 
     lightkv.register_budget("test_old", old_style)
     try:
-        assert lightkv.match_budget("test_old", 0.5, 2, (4, 6), num_images=3).kept_per_layer == [72, 36]
+        # strict=False: one matcher call (a strict match far above the target also asks the matcher for its floor)
+        assert lightkv.match_budget("test_old", 0.5, 2, (4, 6), num_images=3, strict=False).kept_per_layer == [72, 36]
         assert calls == [((4, 6), 3, {})]
         with pytest.raises(ValueError, match="one grid only"):
             lightkv.match_budget("test_old", 0.5, 2, grids=[(4, 6), (2, 2)])

@@ -47,6 +47,10 @@ class BudgetMatch:
     target: float
 
 
+# a budget counts as reached when the matched fraction is at most this much above it (fractions move in steps:
+# windows and token counts are integers)
+REACH_TOLERANCE = 0.01
+
 # old-style matcher(target, num_layers, grid (H, W), num_images, **method_kwargs) -> BudgetMatch
 Matcher = Callable[..., BudgetMatch]
 
@@ -88,12 +92,15 @@ def _sample_grids(grid: Any, num_images: Any, grids: Any) -> tuple[tuple[int, in
 
 
 def match_budget(name: str, target: float, num_layers: int, grid: Any = None, num_images: int = 1, *,
-                 grids: Sequence[tuple[int, int]] | None = None, **method_kwargs: Any) -> BudgetMatch:
+                 grids: Sequence[tuple[int, int]] | None = None, strict: bool = True,
+                 **method_kwargs: Any) -> BudgetMatch:
     """A ``name`` method whose average retained vision fraction over ``num_layers`` layers is closest to
     ``target`` for prompts with ``num_images`` images of ``grid`` = (rows, cols) tokens (or a square count),
     or with images of ``grids`` = [(rows, cols), ...] (one per image of a sample).
 
     ``method_kwargs`` fix other fields (e.g. ``guidance``, ``seed``, ``num_pivots``, ``size_weighted``).
+    A target below the lowest fraction the method reaches there (by more than ``REACH_TOLERANCE``) is a
+    ValueError naming that lowest fraction; strict=False returns the closest match instead.
     """
     try:
         entry = get_method(name)
@@ -105,7 +112,21 @@ def match_budget(name: str, target: float, num_layers: int, grid: Any = None, nu
         raise ValueError(f"target must be a retained fraction in (0, 1], got {target!r}")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
-    return entry.matcher(float(target), num_layers, _sample_grids(grid, num_images, grids), **method_kwargs)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
+    sample = _sample_grids(grid, num_images, grids)
+    found = entry.matcher(float(target), num_layers, sample, **method_kwargs)
+    if strict and found.retained_fraction > target + REACH_TOLERANCE:
+        floor = entry.matcher(_LOWEST, num_layers, sample, **method_kwargs).retained_fraction
+        if floor > target + REACH_TOLERANCE:
+            shapes = ", ".join(f"{h}x{w}" for h, w in sample)
+            fixed = f" with {', '.join(f'{k}={v!r}' for k, v in method_kwargs.items())}" if method_kwargs else ""
+            raise ValueError(f"{name}@{target:g} is out of reach on {num_layers} decoder layers with images of "
+                             f"{shapes} tokens{fixed}: the lowest budget {name} reaches there is {floor:.3f}")
+    return found
+
+
+_LOWEST = 1e-9  # a target below every reachable fraction: the matchers return their floor for it
 
 
 def _fraction(kept: list[int], prompt_tokens: int) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ._budget import search_schedule
+from ._budget import REACH_TOLERANCE, search_schedule
 
 __all__ = ["window_merge_matcher", "single_stage_matcher", "staged_matcher", "LIGHTKV_REFERENCE"]
 
@@ -16,10 +16,25 @@ __all__ = ["window_merge_matcher", "single_stage_matcher", "staged_matcher", "LI
 LIGHTKV_REFERENCE = ((12, 18, 24), (4, 2, 1), 32)  # layers, windows, depth (LLaVA-1.5-7B)
 
 
+MAX_ROUNDS = 4  # the most bipartite rounds per stage the matcher tries (each keeps at least half a window)
+
+
 def window_merge_matcher(cls: type) -> Any:
     """LightKV's reference layers (12, 18, 24 of 32) placed on the depth, windows 4, 2, 1 (smaller on grids
-    too small for them), one ratio for all stages searched in [0, 0.5]."""
+    too small for them), one ratio for all stages searched in [0, 0.5]. When even the earliest layers and the
+    largest ratio stay above the target (a short decoder: layer 0 always holds every token), every stage gets
+    more bipartite rounds (``rounds`` 2, 3, 4: beyond the paper, see ``WindowMergeMethod``), the fewest that
+    reach it; a ``rounds`` field given by the caller is kept as it is."""
     def matcher(target: float, num_layers: int, grids: tuple[tuple[int, int], ...], **fields: Any) -> Any:
+        if "rounds" in fields:
+            return match(target, num_layers, grids, **fields)
+        for rounds in range(1, MAX_ROUNDS + 1):
+            found = match(target, num_layers, grids, rounds=rounds, **fields)
+            if found.retained_fraction <= target + REACH_TOLERANCE:
+                return found
+        return found
+
+    def match(target: float, num_layers: int, grids: tuple[tuple[int, int], ...], **fields: Any) -> Any:
         layers_ref, windows_ref, depth = LIGHTKV_REFERENCE
         # a stage is skipped for an image with fewer than min_tokens * W^2 tokens: shrink the windows of small
         # grids so that every stage still runs even at the largest ratio (stage s then holds n / 2^s tokens)
