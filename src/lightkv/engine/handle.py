@@ -545,18 +545,36 @@ def layer_kinds(config: Any, num_layers: int, first_shortened: int) -> list[tupl
     return kinds
 
 
-def apply(model: nn.Module, method: Method, record: bool = False) -> Handle:
+def apply(model: nn.Module, method: Method | str, record: bool = False, *,
+          grids: list[tuple[int, int]] | None = None, max_pixels: int | None = None) -> Handle:
     """Patch ``model`` in place so that ``method`` runs during every prefill with images.
 
+    method: a ``Method``, or its name as the command line writes it (``"lightkv@0.55"``, ``"fastv@0.35"``,
+    ``"lightkv:layers=[3,4,6],windows=[4,2,1],ratios=[0.5,0.5,0.5]"``): a budget is matched on this model, its
+    decoder depth and the token grid of one image its config implies (``grids=[(rows, cols), ...]``: the
+    images of a typical prompt instead; ``max_pixels``: the largest image of your processor, for families whose
+    grid follows the image size). ``handle.method`` is the configured method.
     record=True also fills ``handle.stats.kept_positions`` and ``handle.stats.merge_maps`` (diagnostics that read
     every sample back to the host at every stage); off by default, so the prefill stays free of such reads.
 
     Returns a ``Handle``; ``handle.remove()`` (or leaving ``with apply(...)``) restores the model.
-    Raises TypeError for an unsupported model family and ValueError for a schedule that does not fit it, or
-    when lightkv is already applied anywhere in the same model (e.g. to ``model`` and then ``model.model``).
+    Raises TypeError for an unsupported model family and ValueError for a schedule that does not fit it, a budget
+    the method cannot reach on it, or when lightkv is already applied anywhere in the same model (e.g. to
+    ``model`` and then ``model.model``).
     """
+    if isinstance(method, str) or type(method).__name__ == "MethodSpec":
+        from ..methods.spec import build_method
+
+        built = build_method(method, model=model, grids=grids, max_pixels=max_pixels)
+        if built is None:
+            raise ValueError(f"{str(method)!r} names no method: run the model without lightkv.apply")
+        method = built
+    elif grids is not None or max_pixels is not None:
+        raise ValueError("grids= and max_pixels= configure a method given by name (e.g. 'lightkv@0.55'); this "
+                         f"{type(method).__name__} is configured already")
     if not isinstance(method, Method):
-        raise TypeError(f"method must be a lightkv Method (e.g. lightkv.LightKV(...)), got {type(method).__name__}")
+        raise TypeError(f"method must be a lightkv Method (e.g. lightkv.LightKV(...)) or a method name such as "
+                        f"'lightkv@0.55', got {type(method).__name__}")
     adapter = get_adapter(model)
     for owner in (model, adapter.language_model):
         existing = getattr(owner, _MARK, None)

@@ -188,14 +188,24 @@ def _as_grids(grids: Any) -> tuple[tuple[int, int], ...]:
 
 def build_method(spec: str | MethodSpec, *, num_layers: int | None = None,
                  grids: Sequence[tuple[int, int]] | None = None, grid: Any = None, budget: float | None = None,
-                 **fields: Any) -> Any:
+                 model: Any = None, max_pixels: int | None = None, **fields: Any) -> Any:
     """The configured method of ``spec`` (None for "none").
 
     With a budget (``@0.55``, ``budget=0.35`` in the spec, or the ``budget`` argument) the method's matcher
     picks its schedule for ``num_layers`` decoder layers and one sample whose images have ``grids`` (rows,
-    cols) (``grid=`` for one image); other fields stay fixed. Without one, the class is built from the fields.
+    cols) (``grid=`` for one image); other fields stay fixed. A budget the method cannot reach there is a
+    ValueError naming the lowest one it reaches. Without a budget, the class is built from the fields.
     ``fields`` (values or spec strings) add to and override the spec's.
+
+    ``model`` (a transformers model lightkv has an adapter for) supplies what is not given: its decoder depth,
+    and one image of the token grid its config implies (``max_pixels``: the largest image of your processor, for
+    families whose grid follows the image size, e.g. Qwen2-VL). The method is checked against its depth.
     """
+    if model is not None:
+        return _build_for_model(spec, model, num_layers=num_layers, grids=grids, grid=grid, budget=budget,
+                                max_pixels=max_pixels, **fields)
+    if max_pixels is not None:
+        raise ValueError("max_pixels= only helps with model=: it sets the image grid a model's config implies")
     parsed = parse_method_spec(spec)
     extra = {key: parse_field(value) for key, value in fields.items()}
     if "budget" in extra:
@@ -228,3 +238,31 @@ def build_method(spec: str | MethodSpec, *, num_layers: int | None = None,
     from ._budget import match_budget
 
     return match_budget(parsed.name, budget, num_layers, grids=_as_grids(grids), **values).method
+
+
+def _build_for_model(spec: str | MethodSpec, model: Any, *, num_layers: int | None, grids: Any, grid: Any,
+                     budget: float | None, max_pixels: int | None, **fields: Any) -> Any:
+    from ..adapters import get_adapter
+
+    adapter = get_adapter(model)
+    depth = len(adapter.decoder_layers)
+    if num_layers is not None and num_layers != depth:
+        raise ValueError(f"num_layers={num_layers} disagrees with the model, which has {depth} decoder layers")
+    parsed = parse_method_spec(spec)
+    needs_grid = parsed.name != "none" and (budget is not None or parsed.budget is not None or "budget" in fields)
+    if needs_grid and grids is None and grid is None:
+        found = adapter.default_grid(max_pixels)
+        if found is None:
+            raise ValueError(f"cannot tell the image token grid of {type(model).__name__} from its config"
+                             f"{'' if max_pixels is None else f' and max_pixels={max_pixels}'}: give "
+                             "grids=[(rows, cols)] (vision tokens per image of your prompts) or max_pixels= (the "
+                             "largest image your processor makes)")
+        grids = [found]
+    method = build_method(parsed, num_layers=depth, grids=grids, grid=grid, budget=budget, **fields)
+    if method is not None:
+        try:
+            method.validate_for(depth)
+        except ValueError as error:
+            hint = "" if needs_grid else f"; or give a budget, e.g. '{parsed.name}@0.55', to fit it to the model"
+            raise ValueError(f"{parsed}: {error}{hint}") from None
+    return method
