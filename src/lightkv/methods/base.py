@@ -459,7 +459,7 @@ def _window_merge_counts(grid: tuple[int, int], windows: Sequence[int], ratios: 
         for w in range(w_side * w_side):
             cell = win == w
             n = float(density[cell].sum())
-            n_int = left = round(n)
+            left = round(n)
             for _ in range(stage_rounds):
                 left -= reference_merge_count(ratio, left)
             if n > 0:
