@@ -19,6 +19,9 @@ __all__ = [
     "window_groups",
     "merge_count",
     "bipartite_merge",
+    "GroupOrder",
+    "group_order",
+    "read_ints",
     "compact_indices",
 ]
 
@@ -99,26 +102,32 @@ class StageResult:
 MergeResult = StageResult  # the former name, kept for compatibility
 
 
-def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.Tensor | None,
-                    ratio: float) -> StageResult:
-    """Windowed bipartite matching and guided many-to-one merge, batched over all groups.
+@dataclass
+class GroupOrder:
+    """Tokens sorted by merge group (``group_order``), shared by the sizing read and ``bipartite_merge``.
 
-    hidden: (B, N, D). groups: (B, N) long group ids, -1 = not merged; a group must not span rows.
-    guidance: (B, N) non-negative weights g_t, or None for equal weights. ratio: fraction P of each group.
-    Inside a group tokens are ranked by slot (= sequence order); even ranks form A, odd ranks form B.
-
-    One device -> host read (the number of groups and the largest group, which size the tables); every other
-    step works on tensors of sizes known from the shapes (a spare row or slot absorbs what a boolean mask would
-    have dropped), so the cost does not grow with the batch or the number of images.
+    All (T,) over the B * N flat tokens, in (group, slot) order: order (flat token ids), member (in a group),
+    dense (dense group index, non-members form the last one), rank (rank inside the group), dense_member
+    (dense index of members, T for non-members). group_sizes: (T + 1,) tokens of each dense group (spare last).
+    sizes: (2,) long on the device, the number of groups and the largest group (what sizes the merge tables).
     """
-    B, N, D = hidden.shape
-    device = hidden.device
-    T = B * N
-    flat_groups = groups.reshape(-1)
-    is_member = flat_groups >= 0
-    spare = T  # index of a spare slot past the last token
 
-    # Sort tokens by group, non-members last; a stable sort keeps sequence order inside each group.
+    order: torch.Tensor
+    member: torch.Tensor
+    dense: torch.Tensor
+    rank: torch.Tensor
+    group_sizes: torch.Tensor
+    sizes: torch.Tensor
+
+
+def group_order(groups: torch.Tensor) -> GroupOrder:
+    """Sort the tokens of ``groups`` (B, N) long (-1: not merged) by group, sequence order inside a group; no
+    device -> host read (``GroupOrder.sizes`` stays on the device until the caller reads it)."""
+    flat_groups = groups.reshape(-1)
+    T = flat_groups.shape[0]
+    device = groups.device
+    is_member = flat_groups >= 0
+    # a stable sort keeps sequence order inside each group; non-members last
     key = torch.where(is_member, flat_groups, torch.iinfo(torch.long).max)
     order = torch.sort(key, stable=True).indices  # flat token ids by (group, slot)
     sorted_member = is_member[order]
@@ -128,12 +137,55 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     dense = torch.cumsum(is_start.long(), 0) - 1  # dense group index; non-members form the last one
     positions = torch.arange(T, device=device)
     start = torch.cummax(torch.where(is_start, positions, 0), dim=0).values
-    rank = positions - start
-    dense_member = torch.where(sorted_member, dense, spare)
-    group_sizes_all = torch.zeros(T + 1, dtype=torch.long, device=device).index_add_(
+    dense_member = torch.where(sorted_member, dense, T)
+    group_sizes = torch.zeros(T + 1, dtype=torch.long, device=device).index_add_(
         0, dense_member, torch.ones_like(dense_member))
-    num_groups = (is_start & sorted_member).sum()
-    G, max_size = torch.stack([num_groups, group_sizes_all[:T].max()]).tolist()  # the one host read
+    largest = group_sizes[:T].max() if T else group_sizes.new_zeros(())
+    sizes = torch.stack([(is_start & sorted_member).sum(), largest])
+    return GroupOrder(order, sorted_member, dense, positions - start, group_sizes, sizes)
+
+
+def read_ints(*tensors: torch.Tensor) -> list[list[int]]:
+    """One device -> host read of several integer or bool tensors (of one device): each as a flat list."""
+    if not tensors:
+        return []
+    values = torch.cat([t.reshape(-1).long() for t in tensors]).tolist()
+    out, at = [], 0
+    for t in tensors:
+        out.append(values[at:at + t.numel()])
+        at += t.numel()
+    return out
+
+
+def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.Tensor | None,
+                    ratio: float, order: GroupOrder | None = None,
+                    sizes: tuple[int, int] | None = None) -> StageResult:
+    """Windowed bipartite matching and guided many-to-one merge, batched over all groups.
+
+    hidden: (B, N, D). groups: (B, N) long group ids, -1 = not merged; a group must not span rows.
+    guidance: (B, N) non-negative weights g_t, or None for equal weights. ratio: fraction P of each group.
+    Inside a group tokens are ranked by slot (= sequence order); even ranks form A, odd ranks form B.
+    order: ``group_order(groups)`` when the caller already built it. sizes: the number of groups and the largest
+    group, ``order.sizes`` read back by a caller that batches it with its own reads.
+
+    One device -> host read when ``sizes`` is not given (the number of groups and the largest group, which size
+    the tables), none otherwise; every other step works on tensors of sizes known from the shapes (a spare row or
+    slot absorbs what a boolean mask would have dropped), so the cost does not grow with the batch or the number
+    of images.
+    """
+    B, N, D = hidden.shape
+    device = hidden.device
+    T = B * N
+    spare = T  # index of a spare slot past the last token
+    if order is None:
+        order = group_order(groups)
+    if sizes is None:
+        sizes = order.sizes.tolist()  # the one host read
+    G, max_size = int(sizes[0]), int(sizes[1])
+    sorted_member, dense, rank = order.member, order.dense, order.rank
+    positions = torch.arange(T, device=device)
+    group_sizes_all = order.group_sizes
+    order = order.order
     keep = torch.ones(T, dtype=torch.bool, device=device)
     destination = torch.arange(T, device=device)
     if G == 0:
