@@ -203,9 +203,9 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     table_a, table_b = table_a[:G], table_b[:G]
 
     flat_hidden = hidden.reshape(T, D)
-    unit = torch.nn.functional.normalize(flat_hidden.float(), dim=-1)
-    feats_a = unit[table_a.clamp(min=0)]  # (G, nA, D)
-    feats_b = unit[table_b.clamp(min=0)]  # (G, nB, D)
+    # unit vectors of the group members only (every other token is never compared)
+    feats_a = torch.nn.functional.normalize(flat_hidden[table_a.clamp(min=0)].float(), dim=-1)  # (G, nA, D)
+    feats_b = torch.nn.functional.normalize(flat_hidden[table_b.clamp(min=0)].float(), dim=-1)  # (G, nB, D)
     sim = feats_a @ feats_b.transpose(1, 2)  # (G, nA, nB) cosine similarity in fp32
     sim = sim.masked_fill((table_b < 0)[:, None, :], float("-inf"))
     score, best = sim.max(dim=-1)  # (G, nA)
@@ -226,28 +226,31 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     destination_ext = torch.cat([destination, destination.new_full((1,), spare)]).index_put_((src,), dst)
     keep, destination = keep_ext[:T], destination_ext[:T]
 
-    # Message passing: x_b <- (g_b x_b + sum g_a x_a) / (g_b + sum g_a); equal weights when the sum is 0.
-    # Each receiver sums itself first, then its merged A tokens in (group, rank) order.
+    # Message passing, over the B slots of the tables only: x_b <- (g_b x_b + sum g_a x_a) / (g_b + sum g_a);
+    # equal weights when the sum is 0. Each receiver sums itself first, then its merged A tokens in (group, rank)
+    # order; B tokens that receive nothing are left untouched.
     if guidance is None:
         weights = torch.ones(T, device=device, dtype=torch.float32)
     else:
         weights = guidance.reshape(-1).float().clamp(min=0)
-    is_receiver = torch.zeros(T + 1, dtype=torch.bool, device=device).index_fill_(0, dst, True)[:T]
-    touched = torch.cat([positions, src.clamp(max=T - 1)])
-    group_dst = torch.cat([torch.where(is_receiver, positions, spare), dst])
+    b_ids = table_b.reshape(-1)  # (R,) flat token id of each B slot, -1 pads
+    R = b_ids.shape[0]
+    a_slot = torch.arange(G, device=device)[:, None] * table_b.shape[1] + best  # (G, nA) B slot of best(a)
+    a_slot = torch.where(merged_a, a_slot.reshape(-1), R)  # R: a spare slot for A tokens not merged
+    slot = torch.cat([torch.where(b_ids >= 0, torch.arange(R, device=device), R), a_slot])
+    touched = torch.cat([b_ids, table_a.reshape(-1)]).clamp(min=0)
     x = flat_hidden[touched].float()
-    num = torch.zeros(T + 1, D, dtype=torch.float32, device=device)
-    den = torch.zeros(T + 1, dtype=torch.float32, device=device)
-    num.index_add_(0, group_dst, weights[touched, None] * x)
-    den.index_add_(0, group_dst, weights[touched])
-    equal_num = torch.zeros_like(num).index_add_(0, group_dst, x)
-    equal_den = torch.zeros_like(den).index_add_(0, group_dst, torch.ones_like(den[touched]))
-    num, den, equal_num, equal_den = num[:T], den[:T], equal_num[:T], equal_den[:T]
-    zero = den <= 0
-    merged = torch.where(zero[:, None], equal_num / equal_den[:, None],
+    w = weights[touched]
+    num = torch.zeros(R + 1, D, dtype=torch.float32, device=device).index_add_(0, slot, w[:, None] * x)[:R]
+    den = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, slot, w)[:R]
+    equal_num = torch.zeros(R + 1, D, dtype=torch.float32, device=device).index_add_(0, slot, x)[:R]
+    equal_den = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, slot, torch.ones_like(w))[:R]
+    merged = torch.where((den <= 0)[:, None], equal_num / equal_den.clamp(min=1)[:, None],
                          num / den.clamp(min=torch.finfo(torch.float32).tiny)[:, None])
-    new_hidden = torch.where(is_receiver[:, None], merged.to(hidden.dtype), flat_hidden)
-    return StageResult(keep.view(B, N), new_hidden.view(B, N, D), (destination % N).view(B, N))
+    receives = torch.zeros(R + 1, dtype=torch.bool, device=device).index_fill_(0, a_slot, True)[:R]
+    rows = torch.where(receives, b_ids, T)  # others write to a spare row past the last token
+    new_hidden = torch.cat([flat_hidden, flat_hidden.new_zeros(1, D)]).index_copy_(0, rows, merged.to(hidden.dtype))
+    return StageResult(keep.view(B, N), new_hidden[:T].view(B, N, D), (destination % N).view(B, N))
 
 
 def compact_indices(keep: torch.Tensor, destination: torch.Tensor | None = None, length: int | None = None,
