@@ -1,7 +1,7 @@
 """Device -> host syncs of the hot path, counted on CPU with lightkv.perf.syncs (the ops that sync on CUDA).
 
 Goals held here (exact counts, patched minus unpatched): decode steps add no sync (batch 1, padded batches,
-LLaVA and Qwen); a prefill stage adds at most 2 (LightKV, ToMe) or 1 (FastV, PDrop, DART), before the decoder
+LLaVA and Qwen); a prefill stage adds 1 (LightKV, ToMe, FastV, PDrop, DART), before the decoder
 1 (LLaVA) or 2 (Qwen under ``generate``), after the last stage 1, whatever the batch size, padding or number of
 images; the per-sample diagnostics (kept_positions, merge_maps) cost syncs only with ``apply(..., record=True)``.
 """
@@ -15,10 +15,10 @@ from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava
 
 SCHEDULE = dict(layers=(1, 2, 4), windows=(4, 2, 1), ratios=(0.5, 0.5, 0.5))
 QWEN_SCHEDULE = dict(layers=(1, 2), windows=(1, 1), ratios=(0.5, 0.5), min_tokens_per_window=4)
-# per stage of a windowed merge (LightKV, ToMe): the engine's read of the kept tokens per row (the new length)
-# and the method's one read (merge table sizes, images skipped by the stage; LightKV's prompt width at stage 0);
-# per stage of a pruning method: the engine's read only (DART bounds its pivots by num_pivots on the host)
-MERGE_STAGE, PRUNE_STAGE = 2, 1
+# one read per stage: a windowed merge (LightKV, ToMe) reads its table sizes, the kept tokens per row (the
+# engine's new length), the images the stage skips and LightKV's prompt width (stage 0) at once; a pruning method
+# (FastV, PDrop, DART) leaves the engine's read of the new length (DART bounds its pivots by num_pivots)
+MERGE_STAGE, PRUNE_STAGE = 1, 1
 # before the decoder, the adapters' layouts: LLaVA one read; Qwen one read with image_grid_thw, a second one
 # under ``generate`` (it passes 3-D positions instead of the grids: the grids are read back from them)
 BEFORE = {"llava": 1, "qwen": 2}
@@ -155,3 +155,22 @@ def test_diagnostics_are_opt_in(llava):
 def test_record_must_be_a_bool(llava):
     with pytest.raises(TypeError, match="record must be True or False"):
         lightkv.apply(llava, lightkv.LightKV(**SCHEDULE), record="yes")
+
+
+@pytest.mark.parametrize("kind", ["batch1", "padded2", "mixed3"])
+def test_merge_kept_counts_read_with_the_sizes_equal_the_result(llava, kind, monkeypatch):
+    """The kept tokens per row a windowed merge reads before merging (so that the engine needs no read) are
+    exactly what the merge keeps of each row's real tokens."""
+    method = lightkv.LightKV(**SCHEDULE)
+    seen = []
+    reduce = type(method).reduce
+
+    def spy(self, ctx, stage):
+        result = reduce(self, ctx, stage)
+        seen.append((result.kept_counts, (result.keep & ctx.token_valid).sum(1).tolist()))
+        return result
+
+    monkeypatch.setattr(type(method), "reduce", spy)
+    with lightkv.apply(llava, method), torch.no_grad():
+        llava(**llava_inputs(llava, kind))
+    assert len(seen) == 3 and all(read == kept for read, kept in seen), seen

@@ -22,6 +22,7 @@ __all__ = [
     "GroupOrder",
     "group_order",
     "read_ints",
+    "merged_per_row",
     "compact_indices",
 ]
 
@@ -92,11 +93,14 @@ class StageResult:
     hidden: (B, N, D), hidden states after the stage (kept tokens updated, others unchanged).
     destination: (B, N) long, slot each token now lives in: itself when kept, the kept slot it was merged
         into, or itself for a pruned token (merged nowhere).
+    kept_counts: optional, the kept real tokens of each row (``(keep & token_valid).sum(1)``) on the host, when
+        the method read them back with its own read; the engine then needs no read of its own for the new length.
     """
 
     keep: torch.Tensor
     hidden: torch.Tensor
     destination: torch.Tensor
+    kept_counts: list[int] | None = None
 
 
 MergeResult = StageResult  # the former name, kept for compatibility
@@ -143,6 +147,18 @@ def group_order(groups: torch.Tensor) -> GroupOrder:
     largest = group_sizes[:T].max() if T else group_sizes.new_zeros(())
     sizes = torch.stack([(is_start & sorted_member).sum(), largest])
     return GroupOrder(order, sorted_member, dense, positions - start, group_sizes, sizes)
+
+
+def merged_per_row(order: GroupOrder, ratio: float, batch: int, length: int) -> torch.Tensor:
+    """(batch,) long, tokens ``bipartite_merge`` will merge away in each row at ``ratio``: the sum of
+    ``merge_count`` over the row's groups (every group of n >= 2 tokens merges exactly r of its ceil(n / 2) A
+    tokens); computed from the group sizes, before the merge, without a host read. ``length``: N."""
+    T = order.order.shape[0]
+    dense = torch.where(order.member, order.dense, T)  # members' dense group; T: none
+    group_row = torch.zeros(T + 1, dtype=torch.long, device=dense.device).scatter_(
+        0, dense, torch.div(order.order, length, rounding_mode="floor"))  # all members of a group: one row
+    r = merge_count(ratio, order.group_sizes)  # (T + 1,), 0 for empty dense ids and the spare
+    return torch.zeros(batch, dtype=torch.long, device=dense.device).index_add_(0, group_row[:T], r[:T])
 
 
 def read_ints(*tensors: torch.Tensor) -> list[list[int]]:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
-from ..core import (MergeResult, StageResult, bipartite_merge, group_order, merge_count, read_ints,
-                    window_groups)
+from ..core import (MergeResult, StageResult, bipartite_merge, group_order, merge_count, merged_per_row,
+                    read_ints, window_groups)
 from ._common import (as_grid, check_int, check_ints, check_layer, check_layers, check_ratio, check_ratios,
                       drop_count, keep_top_scored, kept_after_stages, normalize_grids, set_field)
 
@@ -395,15 +395,18 @@ class WindowMergeMethod(Method):
         order = group_order(groups)
         extra = self.stage_reads(ctx, stage)
         skipped = ~active & (counts > 0)
-        # the one device -> host read of the stage: merge table sizes, images skipped (for the warning) and the
-        # subclass's own reads
-        sizes, skipped, counts, grid_hw, *values = read_ints(
-            order.sizes, skipped, counts, ctx.grid_hw[:skipped.shape[0]], *extra.values())
+        B, M = groups.shape
+        kept = ctx.token_valid.sum(1) - merged_per_row(order, ratio, B, M)
+        # the one device -> host read of the stage: merge table sizes, kept tokens per row (the engine's new
+        # length), images skipped (for the warning) and the subclass's own reads
+        sizes, kept, skipped, counts, grid_hw, *values = read_ints(
+            order.sizes, kept, skipped, counts, ctx.grid_hw[:skipped.shape[0]], *extra.values())
         for (key, tensor), value in zip(extra.items(), values):
             ctx.method_state[key] = value[0] if tensor.numel() == 1 else value
         self._warn_skipped(stage, skipped, counts, grid_hw)
         weights = self.merge_weights(ctx, stage, groups)
         result = bipartite_merge(ctx.hidden, groups, weights, ratio, order=order, sizes=(sizes[0], sizes[1]))
+        result.kept_counts = kept
         self.merged(ctx, stage, result, weights)
         return result
 
