@@ -219,9 +219,11 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     table_a, table_b = table_a[:G], table_b[:G]
 
     flat_hidden = hidden.reshape(T, D)
-    # unit vectors of the group members only (every other token is never compared)
-    feats_a = torch.nn.functional.normalize(flat_hidden[table_a.clamp(min=0)].float(), dim=-1)  # (G, nA, D)
-    feats_b = torch.nn.functional.normalize(flat_hidden[table_b.clamp(min=0)].float(), dim=-1)  # (G, nB, D)
+    # the group members only (every other token is never compared nor changed), in fp32
+    x_a = flat_hidden[table_a.clamp(min=0)].float()  # (G, nA, D)
+    x_b = flat_hidden[table_b.clamp(min=0)].float()  # (G, nB, D)
+    feats_a = torch.nn.functional.normalize(x_a, dim=-1)
+    feats_b = torch.nn.functional.normalize(x_b, dim=-1)
     sim = feats_a @ feats_b.transpose(1, 2)  # (G, nA, nB) cosine similarity in fp32
     sim = sim.masked_fill((table_b < 0)[:, None, :], float("-inf"))
     score, best = sim.max(dim=-1)  # (G, nA)
@@ -253,16 +255,18 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     R = b_ids.shape[0]
     a_slot = torch.arange(G, device=device)[:, None] * table_b.shape[1] + best  # (G, nA) B slot of best(a)
     a_slot = torch.where(merged_a, a_slot.reshape(-1), R)  # R: a spare slot for A tokens not merged
-    slot = torch.cat([torch.where(b_ids >= 0, torch.arange(R, device=device), R), a_slot])
-    touched = torch.cat([b_ids, table_a.reshape(-1)]).clamp(min=0)
-    x = flat_hidden[touched].float()
-    w = weights[touched]
-    num = torch.zeros(R + 1, D, dtype=torch.float32, device=device).index_add_(0, slot, w[:, None] * x)[:R]
-    den = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, slot, w)[:R]
-    equal_num = torch.zeros(R + 1, D, dtype=torch.float32, device=device).index_add_(0, slot, x)[:R]
-    equal_den = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, slot, torch.ones_like(w))[:R]
-    merged = torch.where((den <= 0)[:, None], equal_num / equal_den.clamp(min=1)[:, None],
-                         num / den.clamp(min=torch.finfo(torch.float32).tiny)[:, None])
+    b_slot = torch.where(b_ids >= 0, torch.arange(R, device=device), R)
+    w_b, w_a = weights[b_ids.clamp(min=0)], weights[table_a.reshape(-1).clamp(min=0)]
+    den = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, b_slot, w_b).index_add_(0, a_slot, w_a)
+    size = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, b_slot, torch.ones_like(w_b))
+    size = size.index_add_(0, a_slot, torch.ones_like(w_a))
+    equal = den <= 0  # a receiver whose weights sum to 0 takes the plain mean: every weight becomes 1
+    w_b, w_a = torch.where(equal[b_slot], 1.0, w_b), torch.where(equal[a_slot], 1.0, w_a)
+    num = torch.zeros(R + 1, D, dtype=torch.float32, device=device)
+    num.index_add_(0, b_slot, w_b[:, None] * x_b.reshape(-1, D))
+    num.index_add_(0, a_slot, w_a[:, None] * x_a.reshape(-1, D))
+    den = torch.where(equal, size, den)[:R]
+    merged = num[:R] / den.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
     receives = torch.zeros(R + 1, dtype=torch.bool, device=device).index_fill_(0, a_slot, True)[:R]
     rows = torch.where(receives, b_ids, T)  # others write to a spare row past the last token
     new_hidden = torch.cat([flat_hidden, flat_hidden.new_zeros(1, D)]).index_copy_(0, rows, merged.to(hidden.dtype))
