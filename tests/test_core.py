@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lightkv.core import band_index, bipartite_merge, compact_indices, merge_count, window_groups, window_index
+from lightkv.core import (band_index, bipartite_merge, compact_indices, group_order, merge_count, merged_per_row,
+                          read_ints, window_groups, window_index)
 from lightkv.guidance import faithful_guidance, text_to_vision_guidance
 
 from reference import bands, reference_faithful, reference_stage, reference_text_to_vision
@@ -172,3 +173,25 @@ def test_guidance_matches_full_attention_reference(gqa):
         torch.testing.assert_close(got_t2v[b][valid[b]].double(), want_t2v[valid[b]], rtol=1e-5, atol=1e-5)
     # each prompt key hands out one unit per head
     torch.testing.assert_close(got.sum(1), (prompt.sum(1) * H).float())
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 1.0])
+def test_merged_per_row_predicts_the_merge_before_it_runs(ratio):
+    """Groups of 1 to 9 tokens (odd, even, single), three rows, non-members between: the per-row count read
+    with the table sizes equals what bipartite_merge removes."""
+    torch.manual_seed(0)
+    B, N = 3, 40
+    groups = torch.full((B, N), -1)
+    next_id = 0
+    for b in range(B):
+        slot = 1
+        for size in torch.randint(1, 10, (4,)).tolist():
+            groups[b, slot:slot + size] = next_id
+            next_id, slot = next_id + 1, slot + size + 1
+    groups = groups[:, torch.randperm(N)]  # members of a group need not be adjacent
+    hidden = torch.randn(B, N, 8)
+    order = group_order(groups)
+    G, largest = read_ints(order.sizes)[0]
+    result = bipartite_merge(hidden, groups, None, ratio, order=order, sizes=(G, largest))
+    assert merged_per_row(order, ratio, B, N).tolist() == (~result.keep).sum(1).tolist()
+    assert torch.equal(result.hidden, bipartite_merge(hidden, groups, None, ratio).hidden)

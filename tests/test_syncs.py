@@ -1,8 +1,9 @@
 """Device -> host syncs of the hot path, counted on CPU with lightkv.perf.syncs (the ops that sync on CUDA).
 
-Goals held here: decode steps add no sync (batch 1, padded batches, LLaVA and Qwen, a manual loop and
-``generate``); a prefill adds the same syncs per stage whatever the batch size, padding or number of images;
-the per-sample diagnostics (kept_positions, merge_maps) cost syncs only with ``apply(..., record=True)``.
+Goals held here (exact counts, patched minus unpatched): decode steps add no sync (batch 1, padded batches,
+LLaVA and Qwen); a prefill stage adds 1 (LightKV, ToMe, FastV, PDrop, DART), before the decoder
+1 (LLaVA) or 2 (Qwen under ``generate``), after the last stage 1, whatever the batch size, padding or number of
+images; the per-sample diagnostics (kept_positions, merge_maps) cost syncs only with ``apply(..., record=True)``.
 """
 
 import pytest
@@ -13,10 +14,23 @@ from lightkv.perf.syncs import SyncCounter, count_syncs, format_report
 from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava, tiny_qwen2_5_vl
 
 SCHEDULE = dict(layers=(1, 2, 4), windows=(4, 2, 1), ratios=(0.5, 0.5, 0.5))
-# per stage: the engine's read of the new length (1), bipartite_merge's table sizes (1) and
-# WindowMergeMethod._active_images' skip check (nonzero + tolist, 2); stage 0 also reads the prompt width (1)
-LIGHTKV_STAGES = [5, 4, 4]
-TOME_STAGES = [4, 4, 4]
+QWEN_SCHEDULE = dict(layers=(1, 2), windows=(1, 1), ratios=(0.5, 0.5), min_tokens_per_window=4)
+# one read per stage: a windowed merge (LightKV, ToMe) reads its table sizes, the kept tokens per row (the
+# engine's new length), the images the stage skips and LightKV's prompt width (stage 0) at once; a pruning method
+# (FastV, PDrop, DART) leaves the engine's read of the new length (DART bounds its pivots by num_pivots)
+MERGE_STAGE, PRUNE_STAGE = 1, 1
+# before the decoder, the adapters' layouts: LLaVA one read; Qwen one read with image_grid_thw, a second one
+# under ``generate`` (it passes 3-D positions instead of the grids: the grids are read back from them)
+BEFORE = {"llava": 1, "qwen": 2}
+AFTER = 1  # handle.stats: every count read back at once
+
+
+def baselines(schedule):
+    layers = schedule["layers"]
+    return {"tome": (lightkv.ToMe(**schedule), [MERGE_STAGE] * len(layers)),
+            "fastv": (lightkv.FastV(layer=layers[0]), [PRUNE_STAGE]),
+            "pdrop": (lightkv.PDrop(layers=layers), [PRUNE_STAGE] * len(layers)),
+            "dart": (lightkv.DART(layer=layers[0], num_pivots=4), [PRUNE_STAGE])}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +47,27 @@ def llava_inputs(model, kind):
     one = llava_prompt(model, [1, 3, 4], [7, 8, 9])
     if kind == "batch1":
         return one
-    two = llava_prompt(model, [1, 3, 4, 5, 6, 10, 11], [7, 8], seed=1)
+    two = llava_prompt(model, [1, 3, 4, 5, 6, 10, 11], [7, 8], num_images=2, seed=1)  # 2 images in a row
     if kind == "padded2":
         return batch_prompts([one, two])
-    return batch_prompts([one, llava_prompt(model, [1, 3], [7, 8], num_images=2, seed=2),
+    return batch_prompts([one, llava_prompt(model, [1, 3], [7, 8], num_images=3, seed=2),
                           llava_prompt(model, [1, 3, 4, 5], [9], num_images=0)])  # "mixed3"
+
+
+def qwen_inputs(model, kind):
+    one = qwen_prompt(model, [1, 3, 4], [7, 8, 9])
+    if kind == "batch1":
+        return one
+    two = qwen_prompt(model, [1, 3], [7], images=[(4, 4), (6, 8)], seed=1)  # 2 images of different grids
+    if kind == "padded2":
+        return batch_prompts([one, two])
+    return batch_prompts([one, two, qwen_prompt(model, [1, 3, 4, 5], [9], images=[], seed=2)])  # "mixed3"
+
+
+def check(report, before, stages):
+    assert report.decode == [0] * len(report.decode), format_report(report)
+    assert report.prefill == {"before": before, **{f"stage {s}": n for s, n in enumerate(stages)},
+                              "after": AFTER}, format_report(report)
 
 
 def test_counter_counts_the_syncing_ops_only():
@@ -57,17 +87,42 @@ def test_counter_counts_the_syncing_ops_only():
 
 
 @pytest.mark.parametrize("kind", ["batch1", "padded2", "mixed3"])
-def test_llava_decode_steps_add_no_sync_and_stages_do_not_depend_on_the_batch(llava, kind):
+def test_llava_lightkv_syncs_do_not_depend_on_the_batch(llava, kind):
     report = count_syncs(llava, lightkv.LightKV(**SCHEDULE), llava_inputs(llava, kind), decode_steps=3)
-    assert report.decode == [0, 0, 0], format_report(report)
-    assert report.per_stage == LIGHTKV_STAGES, format_report(report)
-    assert report.prefill["after"] == 1  # handle.stats: every count read back at once
-    assert "index[bool mask]" not in report.prefill_ops and "unique_consecutive" not in report.prefill_ops
+    check(report, BEFORE["llava"], [MERGE_STAGE] * 3)
+    assert set(report.prefill_ops) == {"tolist"}  # one batched read each, no scalar, mask or nonzero read
 
 
-def test_tome_stages_and_decode(llava):
-    report = count_syncs(llava, lightkv.ToMe(**SCHEDULE), llava_inputs(llava, "padded2"), decode_steps=2)
-    assert report.decode == [0, 0] and report.per_stage == TOME_STAGES, format_report(report)
+@pytest.mark.parametrize("kind", ["batch1", "padded2", "mixed3"])
+def test_qwen_lightkv_syncs_do_not_depend_on_the_batch(qwen, kind):
+    report = count_syncs(qwen, lightkv.LightKV(**QWEN_SCHEDULE), qwen_inputs(qwen, kind), decode_steps=3)
+    check(report, BEFORE["qwen"], [MERGE_STAGE] * 2)
+
+
+def test_qwen_layout_reads_once_when_the_call_gives_the_grids(qwen):
+    """A direct call with image_grid_thw (not ``generate``): the layout needs a single read."""
+    inputs = qwen_inputs(qwen, "padded2")
+    report = count_syncs(qwen, lightkv.LightKV(**QWEN_SCHEDULE), inputs, run=lambda model: model(**inputs))
+    assert report.prefill["before"] == 1 and report.decode == [], format_report(report)
+
+
+@pytest.mark.parametrize("name", ["tome", "fastv", "pdrop", "dart"])
+@pytest.mark.parametrize("kind", ["batch1", "padded2"])
+def test_baselines_syncs(llava, qwen, name, kind):
+    for model_name, model, inputs, schedule in (("llava", llava, llava_inputs(llava, kind), SCHEDULE),
+                                                ("qwen", qwen, qwen_inputs(qwen, kind), QWEN_SCHEDULE)):
+        method, stages = baselines(schedule)[name]
+        check(count_syncs(model, method, inputs, decode_steps=2), BEFORE[model_name], stages)
+
+
+def test_skipped_images_cost_no_extra_sync(qwen, caplog):
+    """ToMe with 4 windows per side skips both small images of a row at stage 0: the warning comes from the
+    stage's one read, not from a read per skipped image."""
+    method = lightkv.ToMe(layers=(1, 2), windows=(4, 1), ratios=(0.5, 0.5))
+    with caplog.at_level("WARNING", logger="lightkv"):
+        report = count_syncs(qwen, method, qwen_inputs(qwen, "padded2"), decode_steps=1)
+    check(report, BEFORE["qwen"], [MERGE_STAGE] * 2)
+    assert "skipped for a 4 x 4 image grid" in caplog.text and "skipped for a 6 x 8 image grid" in caplog.text
 
 
 def test_generate_decode_steps_add_no_sync(llava):
@@ -79,16 +134,6 @@ def test_generate_decode_steps_add_no_sync(llava):
 
     report = count_syncs(llava, lightkv.LightKV(**SCHEDULE), inputs, run=run)
     assert report.decode == [0] * (steps - 1), format_report(report)
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_qwen_decode_steps_add_no_sync(qwen, batch):
-    prompts = [qwen_prompt(qwen, [1, 3, 4], [7, 8, 9]), qwen_prompt(qwen, [1, 3], [7], images=[(4, 4), (6, 8)])]
-    inputs = prompts[0] if batch == 1 else batch_prompts(prompts)
-    method = lightkv.LightKV(layers=(1, 2), windows=(1, 1), ratios=(0.5, 0.5), min_tokens_per_window=4)
-    report = count_syncs(qwen, method, inputs, decode_steps=3)
-    assert report.decode == [0, 0, 0], format_report(report)
-    assert report.per_stage == [5, 4], format_report(report)  # as LLaVA's: batch 1 and a padded 2-image batch
 
 
 def test_diagnostics_are_opt_in(llava):
@@ -110,3 +155,22 @@ def test_diagnostics_are_opt_in(llava):
 def test_record_must_be_a_bool(llava):
     with pytest.raises(TypeError, match="record must be True or False"):
         lightkv.apply(llava, lightkv.LightKV(**SCHEDULE), record="yes")
+
+
+@pytest.mark.parametrize("kind", ["batch1", "padded2", "mixed3"])
+def test_merge_kept_counts_read_with_the_sizes_equal_the_result(llava, kind, monkeypatch):
+    """The kept tokens per row a windowed merge reads before merging (so that the engine needs no read) are
+    exactly what the merge keeps of each row's real tokens."""
+    method = lightkv.LightKV(**SCHEDULE)
+    seen = []
+    reduce = type(method).reduce
+
+    def spy(self, ctx, stage):
+        result = reduce(self, ctx, stage)
+        seen.append((result.kept_counts, (result.keep & ctx.token_valid).sum(1).tolist()))
+        return result
+
+    monkeypatch.setattr(type(method), "reduce", spy)
+    with lightkv.apply(llava, method), torch.no_grad():
+        llava(**llava_inputs(llava, kind))
+    assert len(seen) == 3 and all(read == kept for read, kept in seen), seen

@@ -19,6 +19,10 @@ __all__ = [
     "window_groups",
     "merge_count",
     "bipartite_merge",
+    "GroupOrder",
+    "group_order",
+    "read_ints",
+    "merged_per_row",
     "compact_indices",
 ]
 
@@ -89,36 +93,45 @@ class StageResult:
     hidden: (B, N, D), hidden states after the stage (kept tokens updated, others unchanged).
     destination: (B, N) long, slot each token now lives in: itself when kept, the kept slot it was merged
         into, or itself for a pruned token (merged nowhere).
+    kept_counts: optional, the kept real tokens of each row (``(keep & token_valid).sum(1)``) on the host, when
+        the method read them back with its own read; the engine then needs no read of its own for the new length.
     """
 
     keep: torch.Tensor
     hidden: torch.Tensor
     destination: torch.Tensor
+    kept_counts: list[int] | None = None
 
 
 MergeResult = StageResult  # the former name, kept for compatibility
 
 
-def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.Tensor | None,
-                    ratio: float) -> StageResult:
-    """Windowed bipartite matching and guided many-to-one merge, batched over all groups.
+@dataclass
+class GroupOrder:
+    """Tokens sorted by merge group (``group_order``), shared by the sizing read and ``bipartite_merge``.
 
-    hidden: (B, N, D). groups: (B, N) long group ids, -1 = not merged; a group must not span rows.
-    guidance: (B, N) non-negative weights g_t, or None for equal weights. ratio: fraction P of each group.
-    Inside a group tokens are ranked by slot (= sequence order); even ranks form A, odd ranks form B.
-
-    One device -> host read (the number of groups and the largest group, which size the tables); every other
-    step works on tensors of sizes known from the shapes (a spare row or slot absorbs what a boolean mask would
-    have dropped), so the cost does not grow with the batch or the number of images.
+    All (T,) over the B * N flat tokens, in (group, slot) order: order (flat token ids), member (in a group),
+    dense (dense group index, non-members form the last one), rank (rank inside the group), dense_member
+    (dense index of members, T for non-members). group_sizes: (T + 1,) tokens of each dense group (spare last).
+    sizes: (2,) long on the device, the number of groups and the largest group (what sizes the merge tables).
     """
-    B, N, D = hidden.shape
-    device = hidden.device
-    T = B * N
-    flat_groups = groups.reshape(-1)
-    is_member = flat_groups >= 0
-    spare = T  # index of a spare slot past the last token
 
-    # Sort tokens by group, non-members last; a stable sort keeps sequence order inside each group.
+    order: torch.Tensor
+    member: torch.Tensor
+    dense: torch.Tensor
+    rank: torch.Tensor
+    group_sizes: torch.Tensor
+    sizes: torch.Tensor
+
+
+def group_order(groups: torch.Tensor) -> GroupOrder:
+    """Sort the tokens of ``groups`` (B, N) long (-1: not merged) by group, sequence order inside a group; no
+    device -> host read (``GroupOrder.sizes`` stays on the device until the caller reads it)."""
+    flat_groups = groups.reshape(-1)
+    T = flat_groups.shape[0]
+    device = groups.device
+    is_member = flat_groups >= 0
+    # a stable sort keeps sequence order inside each group; non-members last
     key = torch.where(is_member, flat_groups, torch.iinfo(torch.long).max)
     order = torch.sort(key, stable=True).indices  # flat token ids by (group, slot)
     sorted_member = is_member[order]
@@ -128,12 +141,66 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     dense = torch.cumsum(is_start.long(), 0) - 1  # dense group index; non-members form the last one
     positions = torch.arange(T, device=device)
     start = torch.cummax(torch.where(is_start, positions, 0), dim=0).values
-    rank = positions - start
-    dense_member = torch.where(sorted_member, dense, spare)
-    group_sizes_all = torch.zeros(T + 1, dtype=torch.long, device=device).index_add_(
+    dense_member = torch.where(sorted_member, dense, T)
+    group_sizes = torch.zeros(T + 1, dtype=torch.long, device=device).index_add_(
         0, dense_member, torch.ones_like(dense_member))
-    num_groups = (is_start & sorted_member).sum()
-    G, max_size = torch.stack([num_groups, group_sizes_all[:T].max()]).tolist()  # the one host read
+    largest = group_sizes[:T].max() if T else group_sizes.new_zeros(())
+    sizes = torch.stack([(is_start & sorted_member).sum(), largest])
+    return GroupOrder(order, sorted_member, dense, positions - start, group_sizes, sizes)
+
+
+def merged_per_row(order: GroupOrder, ratio: float, batch: int, length: int) -> torch.Tensor:
+    """(batch,) long, tokens ``bipartite_merge`` will merge away in each row at ``ratio``: the sum of
+    ``merge_count`` over the row's groups (every group of n >= 2 tokens merges exactly r of its ceil(n / 2) A
+    tokens); computed from the group sizes, before the merge, without a host read. ``length``: N."""
+    T = order.order.shape[0]
+    dense = torch.where(order.member, order.dense, T)  # members' dense group; T: none
+    group_row = torch.zeros(T + 1, dtype=torch.long, device=dense.device).scatter_(
+        0, dense, torch.div(order.order, length, rounding_mode="floor"))  # all members of a group: one row
+    r = merge_count(ratio, order.group_sizes)  # (T + 1,), 0 for empty dense ids and the spare
+    return torch.zeros(batch, dtype=torch.long, device=dense.device).index_add_(0, group_row[:T], r[:T])
+
+
+def read_ints(*tensors: torch.Tensor) -> list[list[int]]:
+    """One device -> host read of several integer or bool tensors (of one device): each as a flat list."""
+    if not tensors:
+        return []
+    values = torch.cat([t.reshape(-1).long() for t in tensors]).tolist()
+    out, at = [], 0
+    for t in tensors:
+        out.append(values[at:at + t.numel()])
+        at += t.numel()
+    return out
+
+
+def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.Tensor | None,
+                    ratio: float, order: GroupOrder | None = None,
+                    sizes: tuple[int, int] | None = None) -> StageResult:
+    """Windowed bipartite matching and guided many-to-one merge, batched over all groups.
+
+    hidden: (B, N, D). groups: (B, N) long group ids, -1 = not merged; a group must not span rows.
+    guidance: (B, N) non-negative weights g_t, or None for equal weights. ratio: fraction P of each group.
+    Inside a group tokens are ranked by slot (= sequence order); even ranks form A, odd ranks form B.
+    order: ``group_order(groups)`` when the caller already built it. sizes: the number of groups and the largest
+    group, ``order.sizes`` read back by a caller that batches it with its own reads.
+
+    One device -> host read when ``sizes`` is not given (the number of groups and the largest group, which size
+    the tables), none otherwise; every other step works on tensors of sizes known from the shapes (a spare row or
+    slot absorbs what a boolean mask would have dropped), so the cost does not grow with the batch or the number
+    of images.
+    """
+    B, N, D = hidden.shape
+    device = hidden.device
+    T = B * N
+    spare = T  # index of a spare slot past the last token
+    if order is None:
+        order = group_order(groups)
+    if sizes is None:
+        sizes = order.sizes.tolist()  # the one host read
+    G, max_size = int(sizes[0]), int(sizes[1])
+    sorted_member, dense, rank = order.member, order.dense, order.rank
+    group_sizes_all = order.group_sizes
+    order = order.order
     keep = torch.ones(T, dtype=torch.bool, device=device)
     destination = torch.arange(T, device=device)
     if G == 0:
@@ -151,9 +218,11 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     table_a, table_b = table_a[:G], table_b[:G]
 
     flat_hidden = hidden.reshape(T, D)
-    unit = torch.nn.functional.normalize(flat_hidden.float(), dim=-1)
-    feats_a = unit[table_a.clamp(min=0)]  # (G, nA, D)
-    feats_b = unit[table_b.clamp(min=0)]  # (G, nB, D)
+    # the group members only (every other token is never compared nor changed), in fp32
+    x_a = flat_hidden[table_a.clamp(min=0)].float()  # (G, nA, D)
+    x_b = flat_hidden[table_b.clamp(min=0)].float()  # (G, nB, D)
+    feats_a = torch.nn.functional.normalize(x_a, dim=-1)
+    feats_b = torch.nn.functional.normalize(x_b, dim=-1)
     sim = feats_a @ feats_b.transpose(1, 2)  # (G, nA, nB) cosine similarity in fp32
     sim = sim.masked_fill((table_b < 0)[:, None, :], float("-inf"))
     score, best = sim.max(dim=-1)  # (G, nA)
@@ -174,28 +243,33 @@ def bipartite_merge(hidden: torch.Tensor, groups: torch.Tensor, guidance: torch.
     destination_ext = torch.cat([destination, destination.new_full((1,), spare)]).index_put_((src,), dst)
     keep, destination = keep_ext[:T], destination_ext[:T]
 
-    # Message passing: x_b <- (g_b x_b + sum g_a x_a) / (g_b + sum g_a); equal weights when the sum is 0.
-    # Each receiver sums itself first, then its merged A tokens in (group, rank) order.
+    # Message passing, over the B slots of the tables only: x_b <- (g_b x_b + sum g_a x_a) / (g_b + sum g_a);
+    # equal weights when the sum is 0. Each receiver sums itself first, then its merged A tokens in (group, rank)
+    # order; B tokens that receive nothing are left untouched.
     if guidance is None:
         weights = torch.ones(T, device=device, dtype=torch.float32)
     else:
         weights = guidance.reshape(-1).float().clamp(min=0)
-    is_receiver = torch.zeros(T + 1, dtype=torch.bool, device=device).index_fill_(0, dst, True)[:T]
-    touched = torch.cat([positions, src.clamp(max=T - 1)])
-    group_dst = torch.cat([torch.where(is_receiver, positions, spare), dst])
-    x = flat_hidden[touched].float()
-    num = torch.zeros(T + 1, D, dtype=torch.float32, device=device)
-    den = torch.zeros(T + 1, dtype=torch.float32, device=device)
-    num.index_add_(0, group_dst, weights[touched, None] * x)
-    den.index_add_(0, group_dst, weights[touched])
-    equal_num = torch.zeros_like(num).index_add_(0, group_dst, x)
-    equal_den = torch.zeros_like(den).index_add_(0, group_dst, torch.ones_like(den[touched]))
-    num, den, equal_num, equal_den = num[:T], den[:T], equal_num[:T], equal_den[:T]
-    zero = den <= 0
-    merged = torch.where(zero[:, None], equal_num / equal_den[:, None],
-                         num / den.clamp(min=torch.finfo(torch.float32).tiny)[:, None])
-    new_hidden = torch.where(is_receiver[:, None], merged.to(hidden.dtype), flat_hidden)
-    return StageResult(keep.view(B, N), new_hidden.view(B, N, D), (destination % N).view(B, N))
+    b_ids = table_b.reshape(-1)  # (R,) flat token id of each B slot, -1 pads
+    R = b_ids.shape[0]
+    a_slot = torch.arange(G, device=device)[:, None] * table_b.shape[1] + best  # (G, nA) B slot of best(a)
+    a_slot = torch.where(merged_a, a_slot.reshape(-1), R)  # R: a spare slot for A tokens not merged
+    b_slot = torch.where(b_ids >= 0, torch.arange(R, device=device), R)
+    w_b, w_a = weights[b_ids.clamp(min=0)], weights[table_a.reshape(-1).clamp(min=0)]
+    den = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, b_slot, w_b).index_add_(0, a_slot, w_a)
+    size = torch.zeros(R + 1, dtype=torch.float32, device=device).index_add_(0, b_slot, torch.ones_like(w_b))
+    size = size.index_add_(0, a_slot, torch.ones_like(w_a))
+    equal = den <= 0  # a receiver whose weights sum to 0 takes the plain mean: every weight becomes 1
+    w_b, w_a = torch.where(equal[b_slot], 1.0, w_b), torch.where(equal[a_slot], 1.0, w_a)
+    num = torch.zeros(R + 1, D, dtype=torch.float32, device=device)
+    num.index_add_(0, b_slot, w_b[:, None] * x_b.reshape(-1, D))
+    num.index_add_(0, a_slot, w_a[:, None] * x_a.reshape(-1, D))
+    den = torch.where(equal, size, den)[:R]
+    merged = num[:R] / den.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+    receives = torch.zeros(R + 1, dtype=torch.bool, device=device).index_fill_(0, a_slot, True)[:R]
+    rows = torch.where(receives, b_ids, T)  # others write to a spare row past the last token
+    new_hidden = torch.cat([flat_hidden, flat_hidden.new_zeros(1, D)]).index_copy_(0, rows, merged.to(hidden.dtype))
+    return StageResult(keep.view(B, N), new_hidden[:T].view(B, N, D), (destination % N).view(B, N))
 
 
 def compact_indices(keep: torch.Tensor, destination: torch.Tensor | None = None, length: int | None = None,

@@ -1,17 +1,43 @@
-"""Extra device -> host syncs of LightKV on a 6-layer tiny LLaVA (CPU; counts the ops that sync on CUDA).
+"""Extra device -> host syncs of LightKV and the baselines on 6-layer tiny LLaVA and Qwen2.5-VL models (CPU; counts
+the ops that sync on CUDA).
 
-python docs/results/syncs-cpu/count_syncs.py   (with PYTHONPATH pointing at the lightkv tree to measure)
+python docs/results/syncs-cpu/count_syncs.py [--all]   (with PYTHONPATH pointing at the lightkv tree to measure)
+
+Without --all: LightKV on LLaVA only (the rows measured first); --all adds Qwen2.5-VL and ToMe, FastV, PDrop, DART.
 """
+import logging
+import sys
+
 import torch
 
-from lightkv import LightKV, testing
+import lightkv
+from lightkv import testing
 from lightkv.perf.syncs import count_syncs, format_report
 
+logging.getLogger("lightkv").setLevel(logging.ERROR)  # skip warnings of the small Qwen images
 torch.manual_seed(0)
-model = testing.tiny_llava(num_layers=6)  # 16 x 16 = 256 vision tokens per image
-method = LightKV(layers=(1, 2, 4), windows=(4, 2, 1), ratios=(0.5, 0.5, 0.5))
-one = testing.llava_prompt(model, [1, 3, 4], [7, 8, 9])
-two = testing.llava_prompt(model, [1, 3, 4, 5, 6, 10, 11], [7, 8], seed=1)
-for name, inputs in (("batch 1", one), ("padded batch 2", testing.batch_prompts([one, two]))):
+llava = testing.tiny_llava(num_layers=6)  # 16 x 16 = 256 vision tokens per image
+schedule = dict(layers=(1, 2, 4), windows=(4, 2, 1), ratios=(0.5, 0.5, 0.5))
+one = testing.llava_prompt(llava, [1, 3, 4], [7, 8, 9])
+two = testing.llava_prompt(llava, [1, 3, 4, 5, 6, 10, 11], [7, 8], seed=1)
+cases = [("LLaVA", llava, "lightkv", lightkv.LightKV(**schedule), "batch 1", one),
+         ("LLaVA", llava, "lightkv", lightkv.LightKV(**schedule), "padded batch 2", testing.batch_prompts([one, two]))]
+if "--all" in sys.argv:
+    qwen = testing.tiny_qwen2_5_vl(num_layers=6)
+    q_schedule = dict(layers=(1, 2), windows=(1, 1), ratios=(0.5, 0.5))
+    two_images = testing.llava_prompt(llava, [1, 3, 4, 5, 6, 10, 11], [7, 8], num_images=2, seed=1)
+    q_one = testing.qwen_prompt(qwen, [1, 3, 4], [7, 8, 9])  # a 6 x 8 grid
+    q_two = testing.qwen_prompt(qwen, [1, 3], [7], images=[(4, 4), (6, 8)], seed=1)
+    cases = []
+    for family, model, sched, inputs in (
+            ("LLaVA", llava, schedule, (one, testing.batch_prompts([one, two_images]))),
+            ("Qwen2.5-VL", qwen, q_schedule, (q_one, testing.batch_prompts([q_one, q_two])))):
+        methods = {"lightkv": lightkv.LightKV(**sched), "tome": lightkv.ToMe(**sched),
+                   "fastv": lightkv.FastV(layer=1), "pdrop": lightkv.PDrop(layers=sched["layers"]),
+                   "dart": lightkv.DART(layer=1, num_pivots=4)}
+        for name, method in methods.items():
+            cases += [(family, model, name, method, "batch 1", inputs[0]),
+                      (family, model, name, method, "padded batch 2 (2 images in row 2)", inputs[1])]
+for family, model, name, method, label, inputs in cases:
     report = count_syncs(model, method, inputs, decode_steps=3)
-    print(f"{name}: {format_report(report)}")
+    print(f"{family} {name}, {label}: {format_report(report)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core import read_ints
 from .base import Adapter, VisionLayout
 from .mistral3 import has_pixtral_tower
 
@@ -54,9 +55,9 @@ class LlavaAdapter(Adapter):
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
         config = self.model.config
+        if not self.has_features(call_kwargs):
+            return None  # no features come with image ids: the model embeds them as text, so do we
         image_tokens = self.token_mask(input_ids, inputs_embeds, config.image_token_id)
-        if not bool(image_tokens.any()) or not self.has_features(call_kwargs):
-            return None  # no image ids, or no features come with them: the model embeds them as text, so do we
 
         strategy = call_kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         grid = self.default_grid()
@@ -67,30 +68,37 @@ class LlavaAdapter(Adapter):
         has_cls = strategy == "full" and self.has_cls_token()  # "full" keeps every encoder token, a CLS if any
         per_image = grid_h * grid_w + int(has_cls)
 
-        # Every run of consecutive image tokens must hold whole images.
-        B, N = image_tokens.shape
-        padded = torch.nn.functional.pad(image_tokens.long(), (1, 1))
-        edges = padded[:, 1:] - padded[:, :-1]
-        run_starts = torch.nonzero(edges == 1)
-        run_ends = torch.nonzero(edges == -1)
-        run_lengths = run_ends[:, 1] - run_starts[:, 1]
-        bad = run_lengths % per_image != 0
-        if bool(bad.any()):
-            raise ValueError(
-                f"lightkv: a run of {int(run_lengths[bad][0])} image tokens is not a whole number of images of "
-                f"{per_image} tokens ({grid_h}x{grid_w} grid, vision_feature_select_strategy={strategy!r})")
-
         # k-th image token of a row -> (image of the row, patch in the image)
         k = torch.cumsum(image_tokens.long(), dim=1) - 1
+        # Every run of consecutive image tokens must hold whole images: the length of each run, at its last token
+        B, N = image_tokens.shape
+        after = torch.nn.functional.pad(image_tokens[:, 1:], (0, 1), value=False)
+        before = torch.nn.functional.pad(image_tokens[:, :-1], (1, 0), value=False)
+        run_start_k = torch.cummax(torch.where(image_tokens & ~before, k, -1), dim=1).values
+        run_length = k - run_start_k + 1
+        bad = image_tokens & ~after & (run_length % per_image != 0)
+        bad_lengths = torch.where(bad, run_length, 0).reshape(-1)
+        first_bad = bad.reshape(-1).long().argmax(0, keepdim=True)  # row-major: the first bad run of the batch
+        images_per_row = image_tokens.sum(dim=1) // per_image
+        # the one device -> host read: image tokens, images, and the first bad run (length, or 0 when none)
+        total, num_images, bad_length = read_ints(image_tokens.sum(), images_per_row.sum(),
+                                                  bad_lengths.gather(0, first_bad))
+        total, num_images, bad_length = total[0], num_images[0], bad_length[0]
+        if total == 0:
+            return None  # no image ids: plain text
+        if bad_length:
+            raise ValueError(
+                f"lightkv: a run of {bad_length} image tokens is not a whole number of images of "
+                f"{per_image} tokens ({grid_h}x{grid_w} grid, vision_feature_select_strategy={strategy!r})")
+
         local_image = torch.div(k, per_image, rounding_mode="floor")
         patch = k - local_image * per_image - int(has_cls)
-        images_per_row = image_tokens.sum(dim=1) // per_image
         first_image = torch.cumsum(images_per_row, 0) - images_per_row
         is_patch = image_tokens & (patch >= 0)
         image_index = torch.where(is_patch, first_image[:, None] + local_image, torch.full_like(k, -1))
         patch = patch.clamp(min=0)
         rows = torch.where(is_patch, torch.div(patch, grid_w, rounding_mode="floor"), torch.zeros_like(k))
         cols = torch.where(is_patch, patch % grid_w, torch.zeros_like(k))
-        num_images = int(images_per_row.sum())
-        grid_hw = torch.tensor([[grid_h, grid_w]], device=image_tokens.device).expand(num_images, 2)
+        grid_hw = torch.stack([torch.full((num_images,), grid_h, dtype=torch.long, device=image_tokens.device),
+                               torch.full((num_images,), grid_w, dtype=torch.long, device=image_tokens.device)], 1)
         return VisionLayout(image_tokens, image_index, rows, cols, grid_hw)

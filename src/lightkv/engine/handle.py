@@ -363,9 +363,10 @@ class Handle:
         result = self.method.reduce(self._stage_context(state, hidden, index), stage)
         state.capture, state.capture_layer = {}, None
         keep = result.keep & state.valid  # padding never survives a stage
-        # the one host read of the stage: kept tokens per row, giving the new length and whether any row is padded
+        # kept tokens per row, giving the new length and whether any row is padded: the method's own read when it
+        # gives them (a windowed merge), else the one host read of the stage
         counts = keep.sum(dim=1)
-        host_counts = counts.tolist()
+        host_counts = result.kept_counts if result.kept_counts is not None else counts.tolist()
         M = max(host_counts, default=0)
         unpadded = min(host_counts, default=0) == M
         source, valid, new_slot = compact_indices(keep, _destination_of_dropped(keep, result.destination),

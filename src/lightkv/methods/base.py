@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
-from ..core import MergeResult, StageResult, bipartite_merge, reference_merge_count, window_groups
+from ..core import (MergeResult, StageResult, bipartite_merge, group_order, merged_per_row,
+                    read_ints, reference_merge_count, window_groups)
 from ._common import (as_grid, check_int, check_ints, check_layer, check_layers, check_ratio, check_ratios,
                       _is_int, drop_count, keep_top_scored, kept_after_stages, normalize_grids, set_field)
 
@@ -343,15 +344,19 @@ class WindowMergeMethod(Method):
     def merged(self, ctx: StageContext, stage: int, result: StageResult, weights: torch.Tensor | None) -> None:
         """Called after the merge (e.g. to carry token sizes in ``ctx.token_state``)."""
 
-    def _active_images(self, ctx: StageContext, stage: int) -> torch.Tensor:
-        """(I,) images with enough tokens for this stage's windows; warns once for each skipped grid."""
+    def stage_reads(self, ctx: StageContext, stage: int) -> dict[str, torch.Tensor]:
+        """Integer tensors (e.g. a width that sizes a buffer) that ``merge_weights`` needs on the host: they are
+        read back with the stage's own sizing read, in one device -> host sync, and left in ``ctx.method_state``
+        under their keys (a one-element tensor as an int, a longer one as a list). None by default."""
+        return {}
+
+    def _warn_skipped(self, stage: int, skipped: list[int], counts: list[int], grid_hw: list[int]) -> None:
+        """Warn once per stage and grid about the images with too few tokens for this stage's windows."""
         windows = self.windows[stage]
         threshold = self.min_tokens_per_window * windows * windows
-        counts = ctx.image_token_counts()  # (I,) current patches per image
-        active = counts >= threshold
-        for image in torch.nonzero(~active & (counts > 0)).flatten().tolist():
-            rows, cols = (int(v) for v in ctx.grid_hw[image].tolist())
-            args = (type(self).__name__, stage, self.layers[stage], rows, cols, int(counts[image]),
+        for image in (i for i, flag in enumerate(skipped) if flag):
+            rows, cols = grid_hw[2 * image], grid_hw[2 * image + 1]
+            args = (type(self).__name__, stage, self.layers[stage], rows, cols, counts[image],
                     self.min_tokens_per_window, windows, threshold)
             message = ("lightkv: %s stage %d (after decoder layer %d) is skipped for a %d x %d image grid: it "
                        "holds %d vision tokens, fewer than min_tokens_per_window x windows^2 = %d x %d^2 = %d, "
@@ -362,7 +367,6 @@ class WindowMergeMethod(Method):
             else:
                 self._warned_skips.add(key)
                 logger.warning(message, *args)
-        return active
 
     def install(self, handle: "Handle | _HandleLike") -> list[Any]:
         if self.window_layout != "regrid" or not getattr(handle.adapter, "regrid_flattens_image_span", False):
@@ -375,8 +379,9 @@ class WindowMergeMethod(Method):
 
         return [handle.adapter.entry_module.register_forward_pre_hook(flatten_spans, with_kwargs=True)]
 
-    def _regrid_groups(self, ctx: StageContext, stage: int) -> torch.Tensor:
-        """Window ids under ``window_layout="regrid"`` (see ``lightkv.methods._layout``)."""
+    def _regrid_groups(self, ctx: StageContext, stage: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window ids under ``window_layout="regrid"`` (see ``lightkv.methods._layout``), the active units and
+        the current tokens of each image (empty for flattened image spans, which get no skip warning)."""
         from ._layout import regrid_coordinates, vision_runs
         windows = self.windows[stage]
         if ctx.method_state.get(self._FLATTEN_SPANS):
@@ -384,24 +389,39 @@ class WindowMergeMethod(Method):
         else:
             units, num_units = ctx.image_index, int(ctx.grid_hw.shape[0])
         rows, cols, unit_hw, counts = regrid_coordinates(units, num_units)
-        if ctx.method_state.get(self._FLATTEN_SPANS):
-            active = counts >= self.min_tokens_per_window * windows * windows
-        else:
-            active = self._active_images(ctx, stage)
+        active = counts >= self.min_tokens_per_window * windows * windows
         mergeable = torch.where(ctx.image_index >= 0, units, -1)
-        return window_groups(mergeable, rows, cols, unit_hw, windows, active)
+        groups = window_groups(mergeable, rows, cols, unit_hw, windows, active)
+        if ctx.method_state.get(self._FLATTEN_SPANS):
+            return groups, active[:0], counts[:0]
+        return groups, active, counts
 
     def reduce(self, ctx: StageContext, stage: int) -> StageResult:
         windows, ratio = self.windows[stage], self.ratios[stage]
         if self.window_layout == "regrid":
-            groups = self._regrid_groups(ctx, stage)
+            groups, active, counts = self._regrid_groups(ctx, stage)
         else:
-            active = self._active_images(ctx, stage)
+            counts = ctx.image_token_counts()  # (I,) current patches per image
+            active = counts >= self.min_tokens_per_window * windows * windows
             groups = window_groups(ctx.image_index, ctx.grid_rows, ctx.grid_cols, ctx.grid_hw, windows, active)
+        order = group_order(groups)
+        extra = self.stage_reads(ctx, stage)
+        skipped = ~active & (counts > 0)
+        B, M = groups.shape
+        kept = ctx.token_valid.sum(1) - merged_per_row(order, ratio, B, M)
+        # the one device -> host read of the stage: merge table sizes, kept tokens per row (the engine's new
+        # length), images skipped (for the warning) and the subclass's own reads
+        sizes, kept, skipped, counts, grid_hw, *values = read_ints(
+            order.sizes, kept, skipped, counts, ctx.grid_hw[:skipped.shape[0]], *extra.values())
+        for (key, tensor), value in zip(extra.items(), values):
+            ctx.method_state[key] = value[0] if tensor.numel() == 1 else value
+        self._warn_skipped(stage, skipped, counts, grid_hw)
         weights = self.merge_weights(ctx, stage, groups)
-        result = bipartite_merge(ctx.hidden, groups, weights, ratio)
-        if self.rounds[stage] > 1:
+        result = bipartite_merge(ctx.hidden, groups, weights, ratio, order=order, sizes=(sizes[0], sizes[1]))
+        if self.rounds[stage] > 1:  # each further round reads its own table sizes, the engine the new length
             result = self._more_rounds(result, groups, weights, ratio, self.rounds[stage] - 1)
+        else:
+            result.kept_counts = kept
         self.merged(ctx, stage, result, weights)
         return result
 

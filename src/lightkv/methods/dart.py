@@ -50,13 +50,15 @@ class DART(ScorePruneMethod):
 
     def score(self, ctx: StageContext, stage: int) -> torch.Tensor:
         unit = torch.nn.functional.normalize(ctx.hidden.float(), dim=-1)  # (B, M, D)
-        return -_max_similarity_to(unit, ctx.method_state.pop(_PIVOTS))  # only tokens x pivots is formed
+        # only tokens x pivots is formed; a row has at most num_pivots pivots (no host read of the count)
+        return -_max_similarity_to(unit, ctx.method_state.pop(_PIVOTS), self.num_pivots)
 
 
-def _max_similarity_to(unit: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
-    """(B, M) largest dot product of each row of ``unit`` (B, M, D) with that sample's pivot rows."""
+def _max_similarity_to(unit: torch.Tensor, pivots: torch.Tensor, most: int) -> torch.Tensor:
+    """(B, M) largest dot product of each row of ``unit`` (B, M, D) with that sample's pivot rows (at most
+    ``most`` per row; missing ones are masked)."""
     B, M, D = unit.shape
-    P = max(int(pivots.sum(1).max()), 1)
+    P = max(min(most, M), 1)
     order = torch.argsort((~pivots).to(torch.uint8), dim=1, stable=True)[:, :P]  # pivot slots first
     present = torch.arange(P, device=unit.device)[None, :] < pivots.sum(1, keepdim=True)  # (B, P)
     pivot_feats = unit.gather(1, order[:, :, None].expand(B, P, D))  # (B, P, D)

@@ -85,16 +85,25 @@ class LightKV(WindowMergeMethod):
     def needs_attention(self) -> bool:
         return self.guidance != "uniform"
 
+    def _prompt(self, ctx: StageContext) -> torch.Tensor:
+        """(B, M) bool, the prompt tokens whose attention guides the merge."""
+        prompt = ctx.token_valid & ~ctx.vision_mask
+        return prompt if self.guidance == "faithful" else prompt & ctx.after_first_image()
+
+    def stage_reads(self, ctx: StageContext, stage: int) -> dict[str, torch.Tensor]:
+        # merges never remove prompt tokens: the most prompt tokens of a row is read once per call, with the
+        # first stage's sizing read
+        if self.guidance == "uniform" or _WIDTH_KEY in ctx.method_state or not ctx.hidden.shape[0]:
+            return {}
+        return {_WIDTH_KEY: self._prompt(ctx).sum(1).max()}
+
     def merge_weights(self, ctx: StageContext, stage: int, groups: torch.Tensor) -> torch.Tensor | None:
         if self.guidance == "uniform":  # no host read of the groups: the weights are ignored when none merges
             return None
         q, k, scaling = ctx.attention()
-        prompt = ctx.token_valid & ~ctx.vision_mask
-        if self.guidance != "faithful":
-            prompt = prompt & ctx.after_first_image()
-        # merges never remove prompt tokens: the most prompt tokens of a row is read once per call
+        prompt = self._prompt(ctx)
         width = ctx.method_state.get(_WIDTH_KEY)
-        if width is None:
+        if width is None:  # not read with the stage's sizes (a caller of merge_weights outside reduce)
             width = ctx.method_state[_WIDTH_KEY] = int(prompt.sum(1).max()) if prompt.shape[0] else 0
         if self.guidance == "faithful":
             return faithful_guidance(q, k, prompt, ctx.token_valid, scaling, width=width)
