@@ -122,3 +122,16 @@ def test_rounds_from_the_spec_grammar():
     method = lightkv.build_method("lightkv:layers=[1,2],windows=[2,1],ratios=[0.5,0.5],rounds=[2,1]")
     assert method.rounds == (2, 1)
     assert lightkv.build_method("tome:layers=[1],windows=[2],ratios=[0.5],rounds=3").rounds == (3,)
+
+
+@pytest.mark.parametrize("rounds,per_stage", [(1, 1), (2, 2), (3, 2)])
+def test_rounds_syncs(rounds, per_stage):
+    """One device -> host read per stage, plus one for all further rounds (their tokens merged per row)."""
+    from lightkv.perf.syncs import count_syncs
+
+    model = testing.tiny_llava(num_layers=4)
+    padded = testing.batch_prompts([one_image(model), testing.llava_prompt(model, [1, 13], [25], num_images=2)])
+    method = lightkv.LightKV(layers=[0, 1], windows=[2, 1], ratios=[0.5, 0.5], rounds=rounds)
+    report = count_syncs(model, method, padded, decode_steps=2)
+    assert [report.prefill[f"stage {s}"] for s in range(2)] == [per_stage] * 2
+    assert report.decode == [0, 0]

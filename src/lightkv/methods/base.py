@@ -418,8 +418,8 @@ class WindowMergeMethod(Method):
         self._warn_skipped(stage, skipped, counts, grid_hw)
         weights = self.merge_weights(ctx, stage, groups)
         result = bipartite_merge(ctx.hidden, groups, weights, ratio, order=order, sizes=(sizes[0], sizes[1]))
-        if self.rounds[stage] > 1:  # each further round reads its own table sizes, the engine the new length
-            result = self._more_rounds(result, groups, weights, ratio, self.rounds[stage] - 1)
+        if self.rounds[stage] > 1:
+            result = self._more_rounds(result, groups, weights, ratio, self.rounds[stage] - 1, sizes, kept)
         else:
             result.kept_counts = kept
         self.merged(ctx, stage, result, weights)
@@ -427,20 +427,29 @@ class WindowMergeMethod(Method):
 
     @staticmethod
     def _more_rounds(result: StageResult, groups: torch.Tensor, weights: torch.Tensor | None, ratio: float,
-                     rounds: int) -> StageResult:
+                     rounds: int, sizes: list[int], kept: list[int]) -> StageResult:
         """Further bipartite rounds in the same windows on the tokens ``result`` kept; a kept token's weight is
-        the sum of its members' weights. Returns one result for the whole stage (destinations composed)."""
+        the sum of its members' weights. Returns one result for the whole stage (destinations composed).
+
+        Every window keeps a token per round, so the first round's table sizes (number of windows, largest
+        window) still bound the tables; the tokens merged per row are summed on the device and read once, after
+        the last round (``kept``: the first round's kept tokens per row)."""
         keep, hidden, destination = result.keep, result.hidden, result.destination
+        B, M = keep.shape
         weights = torch.ones(keep.shape, dtype=torch.float32, device=keep.device) if weights is None else \
             weights.float().clamp(min=0)
+        merged = torch.zeros(B, dtype=torch.long, device=keep.device)
         for _ in range(rounds):
             weights = weights.scatter_add(1, destination, torch.where(keep, torch.zeros_like(weights), weights))
             weights = torch.where(keep, weights, torch.zeros_like(weights))
-            step = bipartite_merge(hidden, torch.where(keep, groups, -1), weights, ratio)
+            round_groups = torch.where(keep, groups, -1)
+            order = group_order(round_groups)
+            merged = merged + merged_per_row(order, ratio, B, M)
+            step = bipartite_merge(hidden, round_groups, weights, ratio, order=order, sizes=(sizes[0], sizes[1]))
             keep, hidden = keep & step.keep, step.hidden
             destination = step.destination.gather(1, destination)
-            result = StageResult(keep, hidden, destination)
-        return result
+        (merged,) = read_ints(merged)
+        return StageResult(keep, hidden, destination, kept_counts=[k - m for k, m in zip(kept, merged)])
 
     def kept_after_each_stage(self, grids: tuple[tuple[int, int], ...]) -> list[int]:
         """Exact when each stage's windows are unions of the previous stage's windows (e.g. 4, 2, 1 on
