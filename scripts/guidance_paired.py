@@ -6,12 +6,16 @@ modes is compared with an exact McNemar test on the per-question correctness (tw
 discordant questions).
 
     python scripts/guidance_paired.py --out docs/results/guidance-paired --per-family 200
+
+Every run's answers are cached in --cache (default out/eval-cache), so a rerun only runs what is missing
+(scripts/calibration_table.py shares the cache).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -23,8 +27,26 @@ import torch
 
 from lightkv.budget import match_budget
 from lightkv.bundled import BUNDLED_MODEL, BUNDLED_QWEN_MODEL
-from lightkv.evaluation.harness import evaluate, load_model, model_label, question_set, vision_grid
+from lightkv.evaluation.harness import Result, evaluate, load_model, model_label, question_set, vision_grid
 from lightkv.guidance import GUIDANCE_MODES
+
+
+def cached_evaluate(cache: Path, model, processor, method, items, split: str, *, name: str,
+                    budget: float | None = None, reference: list[str] | None = None) -> Result:
+    """``evaluate`` once per (model, split, questions, method): answers and row are kept in ``cache``."""
+    key = f"{model.name_or_path}|{split}|{len(items)}|{method!r}|{reference is not None}"
+    path = cache / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data["key"] == key:
+            result = Result(**data["row"], answers=data["answers"])
+            result.method, result.budget = name, budget
+            return result
+    result = evaluate(model, processor, method, items, name=name, budget=budget, reference=reference,
+                      progress=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "row": result.row(), "answers": result.answers}))
+    return result
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -42,17 +64,19 @@ def main() -> None:
     ap.add_argument("--per-family", type=int, default=200, help="test questions per family (5 families)")
     ap.add_argument("--budgets", default="0.55,0.35,0.30")
     ap.add_argument("--models", default="llava,qwen")
+    ap.add_argument("--cache", default="out/eval-cache", help="folder of cached runs (answers per question)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     paths = {"llava": BUNDLED_MODEL, "qwen": BUNDLED_QWEN_MODEL}
     items = question_set(args.per_family, "test")
     truth = [q.answer for _, q in items]
     rows, tests = [], []
+    cache = Path(args.cache)
     for key in args.models.split(","):
         model, processor = load_model(paths[key])
         label = model_label(model)
         num_layers, grid = model.config.text_config.num_hidden_layers, vision_grid(model)
-        base = evaluate(model, processor, None, items, name="none", progress=False)
+        base = cached_evaluate(cache, model, processor, None, items, "test", name="none")
         rows.append(dict(model=label, budget=None, schedule="-", guidance="none", accuracy=base.accuracy,
                          loyalty=1.0, vision_kv=1.0))
         for budget in budgets:
@@ -60,8 +84,8 @@ def main() -> None:
             text = f"layers {list(schedule.layers)}, windows {list(schedule.windows)}, ratios {list(schedule.ratios)}"
             correct = {}
             for mode in GUIDANCE_MODES:
-                r = evaluate(model, processor, dataclasses.replace(schedule, guidance=mode), items,
-                             name=f"{mode}@{budget:.2f}", budget=budget, reference=base.answers, progress=False)
+                r = cached_evaluate(cache, model, processor, dataclasses.replace(schedule, guidance=mode), items,
+                                    "test", name=f"{mode}@{budget:.2f}", budget=budget, reference=base.answers)
                 correct[mode] = [a == t for a, t in zip(r.answers, truth)]
                 rows.append(dict(model=label, budget=budget, schedule=text, guidance=mode, accuracy=r.accuracy,
                                  loyalty=r.loyalty, vision_kv=r.vision_kv_ratio))
