@@ -24,6 +24,12 @@ def setup():
     return model, batches
 
 
+@pytest.fixture(scope="module")
+def calibrated(setup):
+    model, batches = setup
+    return lightkv.calibrate(model, None, batches, min_loyalty=0.75, max_trials=25, progress=False)
+
+
 @torch.no_grad()
 def _rerun(model, batches, method):
     """Loyalty, mean KL and measured vision KV of ``method`` against the plain model, from scratch."""
@@ -45,9 +51,9 @@ def _rerun(model, batches, method):
     return agree / total, kl / total, kv / kv_full
 
 
-def test_min_loyalty_schedule_keeps_it_when_rerun(setup):
+def test_min_loyalty_schedule_keeps_it_when_rerun(setup, calibrated):
     model, batches = setup
-    result = lightkv.calibrate(model, None, batches, min_loyalty=0.75, max_trials=25, progress=False)
+    result = calibrated
     assert isinstance(result.method, LightKV) and result.samples == 12
     loyalty, kl, measured_kv = _rerun(model, batches, result.method)
     assert loyalty >= 0.75
@@ -65,9 +71,8 @@ def test_min_loyalty_schedule_keeps_it_when_rerun(setup):
     assert kvs == sorted(kvs)
 
 
-def test_spec_reads_back_into_the_same_method(setup):
-    model, batches = setup
-    result = lightkv.calibrate(model, None, batches, min_loyalty=0.75, max_trials=6, progress=False)
+def test_spec_reads_back_into_the_same_method(calibrated):
+    result = calibrated
     assert build_method(result.spec) == result.method
     assert result.spec.startswith("lightkv:layers=[")
     other = LightKV(layers=[1, 3], windows=[4, 2], ratios=[0.375, 0.125], guidance="text_to_vision",
@@ -88,6 +93,16 @@ def test_budget_mode_stays_within_the_budget(setup):
         assert trial.vision_kv <= 0.5 + 1e-12
         if trial.complete:
             assert trial.loyalty <= result.loyalty + 1e-12
+
+
+def test_budget_below_the_paper_shape_floor():
+    # on 8 layers the paper's 3-stage shape bottoms out at 0.297 (16x16 grid, match_budget as of this test); the
+    # search steps down from it (a 4th stage) without running anything until within the budget
+    model = tiny_llava(num_layers=8, grid=16)
+    batches = [batch_prompts([llava_prompt(model, [1, 4], [10 + i, 30], seed=i) for i in range(4)])]
+    result = lightkv.calibrate(model, None, batches, budget=0.28, max_trials=3, progress=False)
+    assert result.vision_kv <= 0.28
+    assert _rerun(model, batches, result.method)[2] == pytest.approx(result.vision_kv, abs=1e-12)
 
 
 def test_unreachable_budget_names_the_lowest(setup):

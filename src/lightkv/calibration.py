@@ -13,7 +13,8 @@ predicted from the samples' image grids before it runs, so candidates are ordere
 The search (``calibrate``):
 1. coarse: for each guidance mode, the paper's shape (``match_budget("lightkv", target)``) on a ladder of targets;
    without a budget, a bisection over the ladder for the smallest vision KV that keeps ``min_loyalty``; with one,
-   the rung closest below the budget;
+   the rung closest below the budget (below the ladder's floor: the gentlest single moves down from its lowest
+   rung, predicted only, until within the budget);
 2. fine: from the best so far, single moves under its guidance mode (a stage one layer earlier or later, a ratio
    one step up or down, a window changed, a stage added or removed); without a budget, the moves that
    lower the vision KV are run in ascending vision-KV order and the first that keeps ``min_loyalty`` becomes the
@@ -390,6 +391,21 @@ def calibrate(model: Any, processor: Any, samples: Sequence[Any], budget: float 
             return None
         return method if scorer.merges_every_stage(method) else None
 
+    lowest = [1.0]  # the lowest vision KV seen in the search space
+
+    def descend(method: LightKV) -> tuple[float, LightKV]:
+        """Without running anything: the gentlest single moves down from ``method`` until within the budget."""
+        kv = scorer.vision_kv(method)
+        while kv > budget + 1e-12:
+            lower = [(scorer.vision_kv(m), m) for fields in _moves(method, layer_choices, windows, ratios, max_stages)
+                     for m in [build(**fields)] if m is not None]
+            lower = [option for option in lower if option[0] < kv - 1e-12]
+            if not lower:
+                break
+            kv, method = max(lower, key=lambda option: option[0])
+        lowest[0] = min(lowest[0], kv)
+        return kv, method
+
     # coarse: the paper's shape on a ladder of targets, per guidance mode
     ladders = {}
     for mode in guidance:
@@ -430,7 +446,9 @@ def calibrate(model: Any, processor: Any, samples: Sequence[Any], budget: float 
                         best = (method, kv, wrong, kl)
             else:
                 within = [r for r in ladder if r[0] <= budget + 1e-12]
-                if within:
+                if not within and ladder:  # below the paper shape's floor: step down from its lowest rung
+                    within = [descend(ladder[0][1])]
+                if within and within[-1][0] <= budget + 1e-12:
                     kv, method = within[-1]
                     outcome = run(method, scorer.size if best is None else best[2], "coarse")
                     if outcome is not None and outcome[2] and better(kv, outcome[0], outcome[1]):
@@ -468,7 +486,7 @@ def calibrate(model: Any, processor: Any, samples: Sequence[Any], budget: float 
         if target_loyalty is not None:
             raise ValueError(f"calibrate: no LightKV schedule tried keeps loyalty >= {target_loyalty:g} on these "
                              f"{scorer.size} samples; lower min_loyalty or give more samples")
-        lowest = min((rung[0] for ladder in ladders.values() for rung in ladder), default=1.0)
+        lowest = min([lowest[0]] + [rung[0] for ladder in ladders.values() for rung in ladder])
         raise ValueError(f"calibrate: no LightKV schedule tried fits vision KV <= {budget:g} on this model; the "
                          f"lowest reached is {lowest:.3f}")
     method, kv, wrong, kl = best

@@ -145,7 +145,8 @@ def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
                            help="folder for method.txt (the chosen spec), frontier.json and frontier.png; created "
                                 "if missing, files in it are replaced")
     calibrate.add_argument("--budget", type=_fraction, default=None,
-                           help="instead of --min-loyalty: the most loyal schedule whose vision KV is at most this")
+                           help="instead of --min-loyalty: the most loyal schedule whose vision KV is at most this "
+                                "(default: none)")
     calibrate.add_argument("--min-loyalty", type=_fraction, default=None,
                            help="the smallest vision KV whose loyalty on the samples is at least this (default: "
                                 "0.99 without --budget)")
