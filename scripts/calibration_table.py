@@ -56,11 +56,16 @@ def main() -> None:
     ap.add_argument("--per-family", type=int, default=200, help="test questions per family (5 families)")
     ap.add_argument("--models", default="llava,qwen")
     ap.add_argument("--cache", default="out/eval-cache")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite README.md, table.md and calibration.png from OUT/results.json and OUT/meta.md")
     ap.add_argument("--goal", type=float, default=0.995,
                     help="one more calibration at this val loyalty (a margin over 0.98 for picking the best of "
                          "many candidates on the same questions)")
     args = ap.parse_args()
     out, cache = Path(args.out), Path(args.cache)
+    if args.report_only:
+        write(out, None, json.loads((out / "results.json").read_text()))
+        return
     test = question_set(args.per_family, "test")
     rows = []
     for key in args.models.split(","):
@@ -112,6 +117,7 @@ def main() -> None:
 
 
 def write(out: Path, args, rows: list[dict]) -> None:
+    """results.json, table.md, calibration.png, meta.md (with ``args``; kept as it is without) and README.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,15 +152,51 @@ def write(out: Path, args, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "calibration.png", dpi=110)
     plt.close(fig)
-    command = (f"python scripts/calibration_table.py --out {args.out} --val {args.val} --per-family "
-               f"{args.per_family} --models {args.models} --goal {args.goal:g}")
     (out / "table.md").write_text(table + "\n")
-    meta = (f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d', time.gmtime())}; machine: "
-            f"{platform.machine()}, CPU only; python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {__import__('transformers').__version__}  \n"
-            f"Calibration: {args.val} val questions; report: {5 * args.per_family} test questions.")
-    (out / "meta.md").write_text(meta + "\n")
+    if args is not None:
+        command = (f"python scripts/calibration_table.py --out {args.out} --val {args.val} --per-family "
+                   f"{args.per_family} --models {args.models} --goal {args.goal:g}")
+        meta = (f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d', time.gmtime())}; machine: "
+                f"{platform.machine()}, CPU only; python {platform.python_version()}, torch {torch.__version__}, "
+                f"transformers {__import__('transformers').__version__}  \n"
+                f"Calibration: {args.val} val questions; report: {5 * args.per_family} test questions.")
+        (out / "meta.md").write_text(meta + "\n")
+    (out / "README.md").write_text(README.format(meta=(out / "meta.md").read_text().strip(), table=table))
     print(table)
+
+
+README = """# Calibrated LightKV schedules vs the paper-shaped one and the best baseline
+
+{meta}
+
+Per model: `lightkv.calibrate` on the val questions at three loyalty targets (the goal, and the val loyalty of
+the paper-shaped schedule at ~0.55 and at ~0.35, rounded down), each chosen schedule then run on the test split,
+and every baseline (fastv, pdrop, tome, dart, sparsevlm, random via `match_budget`) at that schedule's vision KV;
+the table keeps the most accurate baseline (results.json has them all). A baseline whose vision KV in the table
+differs from the calibrated one could not reach it (its floor). Each calibration's spec, explored frontier and plot
+are in `<model>-loyalty-<target>/`. Plot: calibration.png (test loyalty vs vision KV).
+
+## Choosing a schedule
+
+`lightkv.apply(model, "lightkv@0.55")` takes the paper's schedule shape, scaled to the model's depth. Another
+schedule may keep the same answers with a smaller cache; `lightkv calibrate` searches stage layers, windows,
+ratios and the guidance mode on validation questions, against the uncompressed model's answers:
+
+```
+lightkv calibrate --model llava --samples 300 --out out/calibrate                 # smallest vision KV at loyalty >= 0.99
+lightkv calibrate --model llava --samples 300 --min-loyalty 0.9866 --out out/cal  # ... at the paper schedule's val loyalty
+lightkv calibrate --model llava --samples 300 --budget 0.35 --out out/cal35       # most loyal within vision KV 0.35
+```
+
+It writes `method.txt` (a spec that `lightkv.build_method` reads back), `frontier.json` and `frontier.png`. From
+Python, for any model the adapters know: `result = lightkv.calibrate(model, processor, samples)` with `samples` a
+list of processor outputs (rows padded on the left) or of (image, prompt) pairs, then
+`lightkv.apply(model, result.method)`. Loyalty on the calibration questions overstates loyalty on new ones (the
+search keeps the best of many candidates on the same questions): compare the val and test columns below, and
+calibrate with a margin or more questions.
+
+{table}
+"""
 
 
 if __name__ == "__main__":
