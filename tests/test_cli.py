@@ -106,7 +106,7 @@ def test_bad_arguments_are_one_line_usage_errors(argv, message, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["demo", "compare", "bench", "eval"])
+@pytest.mark.parametrize("command", ["demo", "compare", "bench", "eval", "calibrate"])
 def test_out_must_be_a_writable_folder(command, tmp_path, capsys):
     extra = ["--model", "m", "--tasks", "mme", "--dry-run"] if command == "eval" else []
     file = tmp_path / "results.txt"
@@ -146,7 +146,7 @@ def _options(parser):
 
 def test_every_option_has_help_and_shows_its_default():
     parser, commands = build_parser()
-    assert set(commands) == {"demo", "compare", "bench", "eval", "methods"}
+    assert set(commands) == {"demo", "compare", "bench", "eval", "calibrate", "methods"}
     for name, command in commands.items():
         text = command.format_help()
         for action in _options(command):

@@ -19,11 +19,13 @@ _EXPORTS = {
     **dict.fromkeys(["BudgetMatch", "match_budget", "register_budget"], "budget"),
     **dict.fromkeys(["SUPPORTED_FAMILIES", "register_adapter"], "adapters"),
     **dict.fromkeys(["Handle", "PrefillStats", "apply"], "engine"),
+    **dict.fromkeys(["Calibration", "calibrate"], "calibration"),
 }
 
 if TYPE_CHECKING:
     from .adapters import SUPPORTED_FAMILIES, register_adapter
     from .budget import BudgetMatch, match_budget, register_budget
+    from .calibration import Calibration, calibrate
     from .engine import Handle, PrefillStats, apply
     from .methods import (DART, FastV, LightKV, Method, MethodSpec, PDrop, Random, ScorePruneMethod, SparseVLM,
                           StageContext, StageResult, ToMe, VisionZip, WindowMergeMethod, build_method, get_method,
@@ -54,5 +56,5 @@ __all__ = ["apply", "Handle", "PrefillStats", "SUPPORTED_FAMILIES", "register_ad
            "LightKV", "ToMe", "Random", "FastV", "PDrop", "DART", "SparseVLM", "VisionZip",
            "register_method", "get_method", "method_names", "MethodSpec", "parse_method_spec", "split_method_list",
            "build_method", "retained_fraction", "match_budget", "BudgetMatch", "register_budget",
-           "predict_retained_fraction", "predict_kept_per_layer"]
+           "predict_retained_fraction", "predict_kept_per_layer", "calibrate", "Calibration"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""lightkv command line: demo, compare, bench, eval and methods.
+"""lightkv command line: demo, compare, bench, eval, calibrate and methods.
 
 Parsing and checking the arguments imports only the standard library, so ``--help`` and usage errors are
 instant; torch, transformers and the method registry are imported once the arguments are known to be good
@@ -87,6 +87,16 @@ def _budget(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -123,6 +133,25 @@ def _compare_arguments(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("--model", default=None, help="llava or qwen (a bundled model), or a model folder "
                                                        "(default: llava)")
     compare.add_argument("--per-family", type=_positive_int, default=100, help="test questions per question family")
+
+
+def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
+    calibrate.add_argument("--model", default=None,
+                           help="llava or qwen (a bundled model), or a model folder the shapes harness runs "
+                                "(default: llava)")
+    calibrate.add_argument("--samples", type=_positive_int, default=200,
+                           help="calibration questions from the shapes val split")
+    calibrate.add_argument("--out", default="out/calibrate",
+                           help="folder for method.txt (the chosen spec), frontier.json and frontier.png; created "
+                                "if missing, files in it are replaced")
+    calibrate.add_argument("--budget", type=_fraction, default=None,
+                           help="instead of --min-loyalty: the most loyal schedule whose vision KV is at most this "
+                                "(default: none)")
+    calibrate.add_argument("--min-loyalty", type=_fraction, default=None,
+                           help="the smallest vision KV whose loyalty on the samples is at least this (default: "
+                                "0.99 without --budget)")
+    calibrate.add_argument("--max-trials", type=_positive_int, default=150, help="candidate runs at most")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _bench_arguments(bench: argparse.ArgumentParser) -> None:
@@ -225,6 +254,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                                             "needs the eval extra",
                                description="Run lmms-eval once per method and collect one results table. Needs "
                                            f"the eval extra: {EVAL_INSTALL}. Arguments after -- go to lmms-eval."),
+        "calibrate": sub.add_parser("calibrate", help="search a LightKV schedule that keeps the model's answers "
+                                                      "with the smallest KV, on shapes val questions",
+                                    description="Calibrate a LightKV schedule (layers, windows, ratios, guidance) "
+                                                "on the shapes val split against the uncompressed model "
+                                                "(lightkv.calibrate); writes the chosen spec, loadable with "
+                                                "lightkv.build_method, and the explored frontier."),
         "methods": sub.add_parser("methods", help="list the registered methods and their fields",
                                   description="The registered methods: their fields and whether a budget "
                                               "(NAME@BUDGET) can configure them."),
@@ -233,6 +268,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _compare_arguments(commands["compare"])
     _bench_arguments(commands["bench"])
     _eval_arguments(commands["eval"])
+    _calibrate_arguments(commands["calibrate"])
     return parser, commands
 
 
@@ -373,6 +409,33 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace, passthrough
     return 0
 
 
+def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.budget is not None and args.min_loyalty is not None:
+        parser.error("give --budget or --min-loyalty, not both")
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("the frontier plot needs matplotlib: pip install 'lightkv[bench]'")
+    path = _bundled(parser, args.model)
+    from .calibration import calibrate, shapes_samples, write_calibration
+    from .evaluation.harness import load_model, model_label
+
+    try:
+        model, processor = load_model(path)
+    except ValueError as err:
+        parser.error(f"--model: {err}")
+    samples = shapes_samples(processor, args.samples, "val")
+    try:
+        result = calibrate(model, processor, samples, budget=args.budget, min_loyalty=args.min_loyalty,
+                           max_trials=args.max_trials, progress=not args.quiet)
+    except ValueError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
+    write_calibration(result, args.out, f"{model_label(model)}: calibration on {result.samples} val questions")
+    print(f"{result.spec}\nvision KV {result.vision_kv:.3f}, loyalty {100 * result.loyalty:.1f}%, "
+          f"KL {result.kl:.4f} on {result.samples} val questions ({len(result.trials)} trials)")
+    print(f"wrote {Path(args.out) / 'method.txt'}, frontier.json, frontier.png")
+    return 0
+
+
 def _list_methods() -> int:
     from .methods.registry import get_method, method_names
     from .methods.spec import method_fields
@@ -411,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     _check_out(command, args.out)
     if args.command == "eval":
         return _eval(command, args, passthrough)
+    if args.command == "calibrate":
+        return _calibrate(command, args)
     if args.command == "demo":
         if args.random:
             return _demo_random(args)
