@@ -135,7 +135,10 @@ def spec_text(method: LightKV) -> str:
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(method):
         value = getattr(method, f.name)
-        if f.init and (f.name in always or value != f.default):
+        default = f.default
+        if f.name == "rounds" and isinstance(value, tuple):  # stored per stage; one round each is the default
+            default = (default,) * len(value)
+        if f.init and (f.name in always or value != default):
             fields[f.name] = list(value) if isinstance(value, tuple) else value
     return str(MethodSpec("lightkv", None, fields))
 
