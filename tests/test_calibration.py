@@ -166,3 +166,13 @@ def test_cli_bad_arguments(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_moves_keep_each_stage_rounds():
+    from lightkv.calibration import _key, _moves
+
+    method = lightkv.LightKV(layers=[1, 3], windows=[2, 1], ratios=[0.5, 0.5], rounds=[2, 1])
+    moves = list(_moves(method, range(6), (1, 2), (0.25, 0.5), 3))
+    assert moves and all(len(m["rounds"]) == len(m["layers"]) for m in moves)
+    assert {tuple(m["rounds"]) for m in moves} == {(2, 1), (2,), (1,), (1, 2, 1), (2, 1, 1)}
+    assert _key(method) != _key(lightkv.LightKV(layers=[1, 3], windows=[2, 1], ratios=[0.5, 0.5]))

@@ -244,12 +244,13 @@ class _Scorer:
 
 
 def _key(method: LightKV) -> tuple:
-    return (tuple(method.layers), tuple(method.windows), tuple(method.ratios), method.guidance)
+    return (tuple(method.layers), tuple(method.windows), tuple(method.ratios), tuple(method.rounds), method.guidance)
 
 
 def _dominates(failed: LightKV, other: LightKV) -> bool:
-    """``other`` merges at least as early and as much as ``failed`` with the same windows and guidance."""
+    """``other`` merges at least as early and as much as ``failed`` with the same windows, rounds and guidance."""
     return (failed.guidance == other.guidance and tuple(failed.windows) == tuple(other.windows)
+            and tuple(failed.rounds) == tuple(other.rounds)
             and len(failed.layers) == len(other.layers)
             and all(b <= a for a, b in zip(failed.layers, other.layers))
             and all(b >= a for a, b in zip(failed.ratios, other.ratios)))
@@ -257,34 +258,36 @@ def _dominates(failed: LightKV, other: LightKV) -> bool:
 
 def _moves(method: LightKV, layers: Sequence[int], windows: Sequence[int], ratios: Sequence[float],
            max_stages: int) -> Iterable[dict]:
-    """Schedules one step from ``method``, under its guidance mode."""
-    L, W, R = list(method.layers), list(method.windows), list(method.ratios)
+    """Schedules one step from ``method``, under its guidance mode (a stage keeps its rounds; a new one has 1)."""
+    L, W, R, K = list(method.layers), list(method.windows), list(method.ratios), list(method.rounds)
     structures = []
     for i in range(len(L)):
         for step in (-1, 1):
-            structures.append((L[:i] + [L[i] + step] + L[i + 1:], W, R))
+            structures.append((L[:i] + [L[i] + step] + L[i + 1:], W, R, K))
         up = [r for r in ratios if r > R[i]]
         down = [r for r in ratios if r < R[i]]
         if up:
-            structures.append((L, W, R[:i] + [min(up)] + R[i + 1:]))
+            structures.append((L, W, R[:i] + [min(up)] + R[i + 1:], K))
         if down:
-            structures.append((L, W, R[:i] + [max(down)] + R[i + 1:]))
+            structures.append((L, W, R[:i] + [max(down)] + R[i + 1:], K))
         for w in windows:
             if w != W[i]:
-                structures.append((L, W[:i] + [w] + W[i + 1:], R))
+                structures.append((L, W[:i] + [w] + W[i + 1:], R, K))
         if len(L) > 1:
-            structures.append((L[:i] + L[i + 1:], W[:i] + W[i + 1:], R[:i] + R[i + 1:]))
+            structures.append((L[:i] + L[i + 1:], W[:i] + W[i + 1:], R[:i] + R[i + 1:], K[:i] + K[i + 1:]))
     if len(L) < max_stages:
         for layer in layers:
             if layer in L:
                 continue
             i = sum(1 for x in L if x < layer)
             for w in windows:
-                structures.append((L[:i] + [layer] + L[i:], W[:i] + [w] + W[i:], R[:i] + [min(ratios)] + R[i:]))
+                structures.append((L[:i] + [layer] + L[i:], W[:i] + [w] + W[i:], R[:i] + [min(ratios)] + R[i:],
+                                   K[:i] + [1] + K[i:]))
     allowed = set(layers)
-    for new_layers, new_windows, new_ratios in structures:
+    for new_layers, new_windows, new_ratios, new_rounds in structures:
         if all(x in allowed for x in new_layers) and sorted(set(new_layers)) == list(new_layers):
-            yield dict(layers=new_layers, windows=new_windows, ratios=new_ratios, guidance=method.guidance)
+            yield dict(layers=new_layers, windows=new_windows, ratios=new_ratios, rounds=new_rounds,
+                       guidance=method.guidance)
 
 
 def _check_arguments(samples: Any, budget: Any, min_loyalty: Any, guidance: Any, ratios: Any, windows: Any,
