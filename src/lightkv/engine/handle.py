@@ -32,6 +32,7 @@ from ..adapters import Adapter, VisionLayout, get_adapter
 from ..core import compact_indices
 from ..methods import Method
 from ..methods.base import StageContext
+from ..methods.spec import MethodSpec, build_method
 from .masks import decode_mask, gather_seq, prefill_mask, to_attention_format
 from .state import (DecodeState, PrefillState, SequenceRecord, attach_record, clear_state, current_state,
                     detach_record, record_of, set_state)
@@ -563,9 +564,7 @@ def apply(model: nn.Module, method: Method | str, record: bool = False, *,
     the method cannot reach on it, or when lightkv is already applied anywhere in the same model (e.g. to
     ``model`` and then ``model.model``).
     """
-    if isinstance(method, str) or type(method).__name__ == "MethodSpec":
-        from ..methods.spec import build_method
-
+    if isinstance(method, (str, MethodSpec)):
         built = build_method(method, model=model, grids=grids, max_pixels=max_pixels)
         if built is None:
             raise ValueError(f"{str(method)!r} names no method: run the model without lightkv.apply")
