@@ -281,8 +281,42 @@ def test_bench_on_tiny_spec_writes_bench_json(tmp_path):
     assert [r["batch"] for r in data["scaling"]["batch"]] == [1, 1, 2, 2]
     budget = {r["method"]: r["max_batch"] for r in data["scaling"]["budget"]}
     assert budget["lightkv"] > budget["none"] > 0
+    for row in (none, ours):  # the decoder span and the rest add up to each measured prefill
+        assert row["prefill_decoder_ms"] + row["prefill_outside_ms"] == pytest.approx(row["prefill_ms"], rel=1e-6)
+        assert 0 < row["prefill_decoder_ms"] < row["prefill_ms"]
+    # FLOPs inside the span: the layers plus the method's stages, everything but vision tower and LM head
+    assert ours["flops_layers"] - ours["flops_method"] < none["flops_layers"] < none["flops"]
+    assert none["prefill_flops_expected_ratio"] == pytest.approx(1.0)
+    share = none["prefill_decoder_ms"] / none["prefill_ms"]
+    outside_flops = (ours["flops"] - ours["flops_layers"]) / (none["flops"] - none["flops_layers"])
+    assert ours["prefill_flops_expected_ratio"] == pytest.approx(
+        share * ours["flops_layers_ratio"] + (1 - share) * outside_flops)
     assert "| lightkv |" in (tmp_path / "bench.md").read_text()
+    assert "Where the prefill time goes" in (tmp_path / "bench.md").read_text()
     assert len(written) == 2
+
+
+def test_prefill_split_times_the_decoder_span_and_removes_its_hooks(sdpa_model):
+    from lightkv.adapters import get_adapter
+    from lightkv.perf.runs import prefill
+
+    inputs = make_inputs(sdpa_model, Workload(text_before=4, text_after=3), torch.device("cpu"), torch.float32)
+    layers = get_adapter(sdpa_model).decoder_layers
+    seen = []
+    # other hooks on the layers still run, and the split leaves none of its own behind
+    hooks = [layer.register_forward_hook(lambda *a: seen.append(1)) for layer in layers]
+    try:
+        before = (len(layers[0]._forward_pre_hooks), len(layers[-1]._forward_hooks))
+        split = {}
+        with torch.no_grad():
+            _, wall, _ = prefill(sdpa_model, inputs, torch.device("cpu"), split)
+        assert (len(layers[0]._forward_pre_hooks), len(layers[-1]._forward_hooks)) == before
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(seen) == len(layers)
+    assert 0 < split["decoder_s"] < wall
+    assert split["decoder_s"] + split["outside_s"] == pytest.approx(wall)
 
 
 def test_plots(tmp_path):

@@ -104,7 +104,8 @@ def measure(model: torch.nn.Module, method: Method | None, inputs: dict, device:
         with torch.no_grad():
             peak = PeakMemory(device)
             peak.reset()
-            out, prefill_s, prefill_cpu_s = prefill(model, inputs, device)
+            split: dict = {}
+            out, prefill_s, prefill_cpu_s = prefill(model, inputs, device, split)
             cache = cache_of(out)
             kv = cache_bytes(cache)
             stats = handle.stats if handle is not None else None
@@ -113,6 +114,7 @@ def measure(model: torch.nn.Module, method: Method | None, inputs: dict, device:
             memory = peak.read()
             del out, cache
             result = {"prefill_s": prefill_s, "prefill_cpu_s": prefill_cpu_s, "decode_s": decode_s,
+                      "prefill_decoder_s": split.get("decoder_s"), "prefill_outside_s": split.get("outside_s"),
                       "decode_cpu_s": decode_cpu_s, "kv_bytes": kv, "stats": stats,
                       "peak_bytes": memory["peak"], "peak_extra_bytes": memory["extra"], "peak_exact": memory["exact"],
                       "overhead_s": 0.0, "overhead_prefill_s": prefill_s, "overhead_sections": {},
@@ -180,12 +182,16 @@ def _row(spec: ModelSpec, label: str, method: Method | None, runs: list[dict], c
         "prefill_ms": 1000 * median([r["prefill_s"] for r in runs]),
         "prefill_ms_runs": [1000 * r["prefill_s"] for r in runs],
         "prefill_cpu_ms": 1000 * median([r["prefill_cpu_s"] for r in runs]),
+        "prefill_decoder_ms": _ms(median([r.get("prefill_decoder_s") for r in runs])),
+        "prefill_outside_ms": _ms(median([r.get("prefill_outside_s") for r in runs])),
         "prefill_cpu_ms_runs": [1000 * r["prefill_cpu_s"] for r in runs],
         "vision_kv_bytes": sum(vision_kv), "total_kv_bytes": sum(kv), "kv_bytes_per_layer": kv,
         "vision_kv_bytes_per_layer": vision_kv,
         "flops": profile.flops.total, "flops_matmul": profile.flops.matmul_total,
         "flops_decoder": profile.flops.group("decoder."), "flops_vision": profile.flops.group("vision."),
         "flops_method": profile.flops.group("lightkv."), "flops_extras_modelled": profile.extras_modelled,
+        # FLOPs inside the timed decoder span: the layers and the method's stages (not the LM head)
+        "flops_layers": sum(profile.flops.per_layer) + profile.flops.group("lightkv."),
         "decode_tokens": config.decode_tokens,
         "decode_tokens_per_s": median(decode_tps),
         "decode_tokens_per_s_runs": decode_tps,
@@ -200,6 +206,10 @@ def _row(spec: ModelSpec, label: str, method: Method | None, runs: list[dict], c
         "decode_overhead_fraction": median(decode_overhead) if method is not None else 0.0,
     }
     return row
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
 
 
 def _full_size(spec: ModelSpec, text: str, workload: Workload, dtype_bytes: int) -> dict | None:
@@ -225,6 +235,9 @@ def _add_ratios(rows: list[dict], base_key: str = "method") -> None:
         r["total_kv_ratio"] = ratio(r["total_kv_bytes"], base["total_kv_bytes"])
         r["flops_ratio"] = ratio(r["flops"], base["flops"])
         r["flops_decoder_ratio"] = ratio(r["flops_decoder"], base["flops_decoder"])
+        r["flops_layers_ratio"] = ratio(r["flops_layers"], base["flops_layers"])
+        r["prefill_decoder_ratio"] = ratio(r.get("prefill_decoder_ms"), base.get("prefill_decoder_ms"))
+        r["prefill_flops_expected_ratio"] = _expected_ratio(r, base)
         r["decode_ratio"] = ratio(r["decode_tokens_per_s"], base["decode_tokens_per_s"])
         r["decode_cpu_ratio"] = ratio(r["decode_tokens_per_cpu_s"], base["decode_tokens_per_cpu_s"])
         r["peak_mem_ratio"] = ratio(r["peak_mem_bytes"], base["peak_mem_bytes"])
@@ -235,6 +248,19 @@ def _add_ratios(rows: list[dict], base_key: str = "method") -> None:
             full["total_kv_ratio"] = ratio(full["total_kv_bytes"], full_base["total_kv_bytes"])
             full["flops_ratio"] = ratio(full["flops"], full_base["flops"])
             full["flops_decoder_ratio"] = ratio(full["flops_decoder"], full_base["flops_decoder"])
+
+
+def _expected_ratio(row: dict, base: dict) -> float | None:
+    """The prefill time ratio to expect if each part's time followed its own FLOPs: the uncompressed run's
+    measured split (decoder span vs the rest), each part scaled by its FLOPs ratio. It differs from the plain
+    FLOPs ratio when the parts run at different FLOP rates (on CPU the vision tower's is lower)."""
+    decoder, outside, total = (base.get(k) for k in ("prefill_decoder_ms", "prefill_outside_ms", "prefill_ms"))
+    if None in (decoder, outside, total) or not total or not base["flops_layers"]:
+        return None
+    outside_flops = ratio(row["flops"] - row["flops_layers"], base["flops"] - base["flops_layers"])
+    if outside_flops is None:
+        return None
+    return (decoder * row["flops_layers"] / base["flops_layers"] + outside * outside_flops) / total
 
 
 def run_bench(config: BenchConfig) -> dict:
@@ -366,6 +392,21 @@ def markdown(result: dict) -> str:
               "prefill (CPU time) = the same ratio of process CPU time (robust to "
               "other processes on a shared CPU, meaningless on GPU); overhead = share of the prefill spent in "
               "lightkv's hooks.", ""]
+    split = [r for r in rows if r.get("prefill_decoder_ms") is not None]
+    if split:
+        lines += ["Where the prefill time goes (the same timed runs, medians): decoder = from the first decoder "
+                  "layer's start to the last one's end, lightkv's stages included; outside = the rest (vision "
+                  "tower, projector, embeddings, LM head). 'at measured shares' = the time ratio to expect if "
+                  "the decoder and the rest each took time in proportion to their own FLOPs, weighted by how the "
+                  "uncompressed run's time splits between them.", "",
+                  "| method | decoder ms | outside ms | decoder time | decoder FLOPs | prefill time | FLOPs | "
+                  "FLOPs at measured shares |", "|---" * 8 + "|"]
+        for r in split:
+            lines.append(f"| {r['method']} | {fmt(r['prefill_decoder_ms'], '.1f')} | "
+                         f"{fmt(r['prefill_outside_ms'], '.1f')} | {fmt(r.get('prefill_decoder_ratio'))} | "
+                         f"{fmt(r.get('flops_layers_ratio'))} | {fmt(r['prefill_ratio'])} | "
+                         f"{fmt(r['flops_ratio'])} | {fmt(r.get('prefill_flops_expected_ratio'))} |")
+        lines.append("")
     counted = [r for r in rows if r.get("syncs")]
     if counted:
         lines += ["Extra device -> host syncs (ops that make the host wait for a GPU, counted on any device; the "

@@ -107,14 +107,48 @@ def decode(model: torch.nn.Module, cache: Any, first_logits: torch.Tensor, atten
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def prefill(model: torch.nn.Module, inputs: dict, device: torch.device) -> tuple[Any, float, float]:
+def prefill(model: torch.nn.Module, inputs: dict, device: torch.device,
+            split: dict | None = None) -> tuple[Any, float, float]:
     """Output, wall seconds and process CPU seconds of one prefill. On a shared CPU machine with one torch
-    thread, CPU seconds are the time the prefill computed, whatever other processes took from the core."""
-    sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out = model(**inputs, use_cache=True, logits_to_keep=1)
-    sync(device)
-    return out, time.perf_counter() - start, time.process_time() - cpu_start
+    thread, CPU seconds are the time the prefill computed, whatever other processes took from the core.
+
+    split: a dict that receives ``decoder_s`` (wall seconds from the first decoder layer's start to the last
+    one's end: the layers and any lightkv hooks inside them) and ``outside_s`` (the rest: vision tower,
+    projector, embeddings, LM head, lightkv's layout work before the decoder). On CUDA the two boundaries
+    synchronise the device once each."""
+    hooks = _decoder_span_hooks(model, device, split) if split is not None else []
+    try:
+        sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        sync(device)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if split is not None:
+        split["outside_s"] = wall - split.get("decoder_s", 0.0)
+    return out, wall, cpu
+
+
+def _decoder_span_hooks(model: torch.nn.Module, device: torch.device, split: dict) -> list:
+    """Forward hooks that write the wall time spent between the first decoder layer's start and the last
+    decoder layer's end into ``split["decoder_s"]``."""
+    from ..adapters import get_adapter
+
+    layers = get_adapter(model).decoder_layers
+    marks: dict[str, float] = {}
+
+    def begin(module, args):
+        sync(device)
+        marks["start"] = time.perf_counter()
+
+    def end(module, args, output):
+        sync(device)
+        split["decoder_s"] = time.perf_counter() - marks["start"]
+
+    # first among the pre-hooks and last among the hooks, so lightkv's own hooks on those layers count inside
+    return [layers[0].register_forward_pre_hook(begin, prepend=True), layers[-1].register_forward_hook(end)]
 
 
 def tile_cache(cache: Any, batch: int) -> Any:
