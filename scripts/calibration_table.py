@@ -33,15 +33,17 @@ BASELINES = ("fastv", "pdrop", "tome", "dart", "sparsevlm", "random")
 PATHS = {"llava": BUNDLED_MODEL, "qwen": BUNDLED_QWEN_MODEL}
 
 
-def calibrated(folder: Path, model, processor, samples, min_loyalty: float, title: str):
-    """The spec calibrated at ``min_loyalty`` (kept in ``folder``; reused when it matches)."""
+def calibrated(folder: Path, model, processor, samples, min_loyalty: float | None, title: str,
+               budget: float | None = None):
+    """The spec calibrated at ``min_loyalty`` or within ``budget`` (kept in ``folder``; reused when it matches)."""
     saved = folder / "frontier.json"
     if saved.exists():
         data = json.loads(saved.read_text())
-        if data["min_loyalty"] == min_loyalty and data["samples"] == sum(len(b["input_ids"]) for b in samples):
+        if (data["min_loyalty"] == min_loyalty and data.get("budget") == budget
+                and data["samples"] == sum(len(b["input_ids"]) for b in samples)):
             return data
     start = time.perf_counter()
-    result = calibrate(model, processor, samples, min_loyalty=min_loyalty)
+    result = calibrate(model, processor, samples, budget=budget, min_loyalty=min_loyalty)
     write_calibration(result, folder, title)
     data = result.to_json()
     data["seconds"] = time.perf_counter() - start
@@ -61,6 +63,9 @@ def main() -> None:
     ap.add_argument("--goal", type=float, default=0.995,
                     help="one more calibration at this val loyalty (a margin over 0.98 for picking the best of "
                          "many candidates on the same questions)")
+    ap.add_argument("--budgets", default="0.20",
+                    help="vision KV budgets: the most loyal calibrated schedule within each, against the "
+                         "paper-shaped schedule and the best baseline there")
     args = ap.parse_args()
     out, cache = Path(args.out), Path(args.cache)
     if args.report_only:
@@ -87,22 +92,29 @@ def main() -> None:
                   f"loyalty {100 * r.loyalty:.1f}", flush=True)
             return row
 
-        targets = [(f"loyalty {args.goal:g}", args.goal)]
+        targets = [(f"loyalty {args.goal:g}", args.goal, None)]
         for budget in (0.55, 0.35):
             paper = match_budget("lightkv", budget, depth, grid=grid).method
             on_val = cached_evaluate(cache, model, processor, paper, val, "val", name=f"paper@{budget}",
                                      reference=val_none.answers)
             rows.append(report(f"paper-shaped @{budget:.2f}", f"lightkv@{budget}", paper, on_val.loyalty))
             # rounded down, so that the paper-shaped schedule itself meets it
-            targets.append((f"loyalty of paper @{budget:.2f}", math.floor(on_val.loyalty * 1e4) / 1e4))
+            targets.append((f"loyalty of paper @{budget:.2f}", math.floor(on_val.loyalty * 1e4) / 1e4, None))
+        for budget in (float(b) for b in args.budgets.split(",") if b):
+            rows.append(report(f"paper-shaped @{budget:.2f}", f"lightkv@{budget}",
+                               match_budget("lightkv", budget, depth, grid=grid).method))
+            targets.append((f"vision KV <= {budget:g}", None, budget))
         done = set()
-        for what, min_loyalty in targets:
-            if min_loyalty in done:
+        for what, min_loyalty, budget in targets:
+            if (min_loyalty, budget) in done:
                 continue
-            done.add(min_loyalty)
-            folder = out / f"{key}-loyalty-{min_loyalty:g}"
+            done.add((min_loyalty, budget))
+            if budget is None:
+                folder, goal = out / f"{key}-loyalty-{min_loyalty:g}", f"loyalty >= {min_loyalty:g}"
+            else:
+                folder, goal = out / f"{key}-budget-{budget:g}", f"vision KV <= {budget:g}"
             data = calibrated(folder, model, processor, samples, min_loyalty,
-                              f"{label}: calibration on {args.val} val questions, loyalty >= {min_loyalty:g}")
+                              f"{label}: calibration on {args.val} val questions, {goal}", budget=budget)
             row = report(f"calibrated ({what})", data["spec"], build_method(data["spec"]), data["loyalty"])
             rows.append(row)
             best = None
@@ -155,7 +167,7 @@ def write(out: Path, args, rows: list[dict]) -> None:
     (out / "table.md").write_text(table + "\n")
     if args is not None:
         command = (f"python scripts/calibration_table.py --out {args.out} --val {args.val} --per-family "
-                   f"{args.per_family} --models {args.models} --goal {args.goal:g}")
+                   f"{args.per_family} --models {args.models} --goal {args.goal:g} --budgets {args.budgets}")
         meta = (f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d', time.gmtime())}; machine: "
                 f"{platform.machine()}, CPU only; python {platform.python_version()}, torch {torch.__version__}, "
                 f"transformers {__import__('transformers').__version__}  \n"
@@ -170,11 +182,12 @@ README = """# Calibrated LightKV schedules vs the paper-shaped one and the best 
 {meta}
 
 Per model: `lightkv.calibrate` on the val questions at three loyalty targets (the goal, and the val loyalty of
-the paper-shaped schedule at ~0.55 and at ~0.35, rounded down), each chosen schedule then run on the test split,
-and every baseline (fastv, pdrop, tome, dart, sparsevlm, random via `match_budget`) at that schedule's vision KV;
-the table keeps the most accurate baseline (results.json has them all). A baseline whose vision KV in the table
-differs from the calibrated one could not reach it (its floor). Each calibration's spec, explored frontier and plot
-are in `<model>-loyalty-<target>/`. Plot: calibration.png (test loyalty vs vision KV).
+the paper-shaped schedule at ~0.55 and at ~0.35, rounded down) and within each vision KV budget of `--budgets`
+(the most loyal schedule tried within it); each chosen schedule then runs on the test split, and every baseline
+(fastv, pdrop, tome, dart, sparsevlm, random via `match_budget`) at that schedule's vision KV; the table keeps the
+most accurate baseline (results.json has them all). A baseline whose vision KV in the table differs from the
+calibrated one could not reach it (its floor). Each calibration's spec, explored frontier and plot are in
+`<model>-loyalty-<target>/` or `<model>-budget-<budget>/`. Plot: calibration.png (test loyalty vs vision KV).
 
 ## Choosing a schedule
 
