@@ -2,8 +2,9 @@
 
 Goals held here (exact counts, patched minus unpatched): decode steps add no sync (batch 1, padded batches,
 LLaVA and Qwen); a prefill stage adds 1 (LightKV, ToMe, FastV, PDrop, DART), before the decoder
-1 (LLaVA) or 2 (Qwen under ``generate``), after the last stage 1, whatever the batch size, padding or number of
-images; the per-sample diagnostics (kept_positions, merge_maps) cost syncs only with ``apply(..., record=True)``.
+1 (LLaVA, LLaVA-NeXT / OneVision, InternVL) or 2 (Qwen under ``generate``, Idefics3, Mistral3 / Pixtral), after
+the last stage 1, whatever the batch size, padding or number of images; the per-sample diagnostics
+(kept_positions, merge_maps) cost syncs only with ``apply(..., record=True)``.
 """
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 
 import lightkv
 from lightkv.perf.syncs import SyncCounter, count_syncs, format_report
-from lightkv.testing import batch_prompts, llava_prompt, qwen_prompt, tiny_llava, tiny_qwen2_5_vl
+from lightkv.testing import (batch_prompts, idefics3_prompt, internvl_prompt, llava_next_prompt, llava_prompt,
+                             mistral3_prompt, qwen_prompt, tiny_idefics3, tiny_internvl, tiny_llava, tiny_llava_next,
+                             tiny_llava_onevision, tiny_mistral3, tiny_pixtral_llava, tiny_qwen2_5_vl)
 
 SCHEDULE = dict(layers=(1, 2, 4), windows=(4, 2, 1), ratios=(0.5, 0.5, 0.5))
 QWEN_SCHEDULE = dict(layers=(1, 2), windows=(1, 1), ratios=(0.5, 0.5), min_tokens_per_window=4)
@@ -22,6 +25,25 @@ MERGE_STAGE, PRUNE_STAGE = 1, 1
 # before the decoder, the adapters' layouts: LLaVA one read; Qwen one read with image_grid_thw, a second one
 # under ``generate`` (it passes 3-D positions instead of the grids: the grids are read back from them)
 BEFORE = {"llava": 1, "qwen": 2}
+# the other layouts: LLaVA-NeXT / OneVision (row counts with image_sizes or the encoded features' newline
+# statistics) and InternVL (image tokens and the first bad run) one read; Idefics3 and Mistral3 / Pixtral two (the
+# number of runs of image tokens, then the table of the runs with the token next to each)
+LAYOUTS = {
+    "llava_next": (tiny_llava_next, 1, lambda m: llava_next_prompt(m, [1, 3, 4], [7, 8, 9]),
+                   lambda m: llava_next_prompt(m, [1, 3], [7], image_sizes=((20, 30), (30, 20), (24, 24)), seed=1)),
+    "llava_onevision": (tiny_llava_onevision, 1, lambda m: llava_next_prompt(m, [1, 3, 4], [7, 8, 9]),
+                        lambda m: llava_next_prompt(m, [1, 3], [7], image_sizes=((20, 30), (40, 12)), video_frames=2,
+                                                    seed=1)),
+    "internvl": (tiny_internvl, 1, lambda m: internvl_prompt(m, [1, 3, 4], [7, 8, 9]),
+                 lambda m: internvl_prompt(m, [1, 3], [7], tiles=[2, 1, 3], seed=1)),
+    "idefics3": (tiny_idefics3, 2, lambda m: idefics3_prompt(m, [1, 3, 4], [7, 8, 9]),
+                 lambda m: idefics3_prompt(m, [1, 3], [7], images=[(1, 2), (0, 0), (2, 2)], seed=1)),
+    "mistral3": (tiny_mistral3, 2, lambda m: mistral3_prompt(m, [1, 3, 4], [7, 8, 9]),
+                 lambda m: mistral3_prompt(m, [1, 3], [7], images=[(3, 4), (2, 5), (4, 4)], seed=1)),
+    "pixtral": (tiny_pixtral_llava, 2, lambda m: mistral3_prompt(m, [1, 3, 4], [7, 8, 9]),
+                lambda m: mistral3_prompt(m, [1, 3], [7], images=[(3, 4), (2, 5), (4, 4)], seed=1)),
+}
+LAYOUT_SCHEDULE = dict(layers=(1, 2, 4), windows=(1, 1, 1), ratios=(0.5, 0.5, 0.5))
 AFTER = 1  # handle.stats: every count read back at once
 
 
@@ -97,6 +119,27 @@ def test_llava_lightkv_syncs_do_not_depend_on_the_batch(llava, kind):
 def test_qwen_lightkv_syncs_do_not_depend_on_the_batch(qwen, kind):
     report = count_syncs(qwen, lightkv.LightKV(**QWEN_SCHEDULE), qwen_inputs(qwen, kind), decode_steps=3)
     check(report, BEFORE["qwen"], [MERGE_STAGE] * 2)
+
+
+@pytest.fixture(scope="module")
+def layout_models():
+    return {}
+
+
+@pytest.mark.parametrize("kind", ["batch1", "padded2"])
+@pytest.mark.parametrize("family", list(LAYOUTS))
+def test_layout_syncs_do_not_grow_with_images(layout_models, family, kind):
+    """Before the decoder a fixed number of batched reads, the same for one image as for a padded batch whose
+    second row holds three images (tiles, crops; OneVision: two images and a video); no scalar, mask or nonzero
+    read."""
+    build, before, one, more = LAYOUTS[family]
+    if family not in layout_models:
+        layout_models[family] = build(num_layers=6)
+    model = layout_models[family]
+    inputs = one(model) if kind == "batch1" else batch_prompts([one(model), more(model)])
+    report = count_syncs(model, lightkv.LightKV(**LAYOUT_SCHEDULE), inputs, decode_steps=2)
+    check(report, before, [MERGE_STAGE] * 3)
+    assert set(report.prefill_ops) == {"tolist"}, format_report(report)
 
 
 def test_qwen_layout_reads_once_when_the_call_gives_the_grids(qwen):

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["VisionLayout", "Adapter", "is_instance_of"]
+__all__ = ["VisionLayout", "Adapter", "is_instance_of", "true_indices", "token_runs", "run_table"]
 
 
 @dataclass
@@ -32,6 +32,32 @@ class VisionLayout:
     @property
     def num_images(self) -> int:
         return int(self.grid_hw.shape[0])
+
+
+def true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(count,) long: the flat indices of the True entries of ``mask`` (any shape), in order, when ``count`` of
+    them are True (a count the caller read back already). What ``torch.nonzero`` gives, without its host read."""
+    flat = mask.reshape(-1)
+    slot = torch.where(flat, torch.cumsum(flat.long(), 0) - 1, count).clamp(max=count)  # count: a spare slot
+    out = torch.zeros(count + 1, dtype=torch.long, device=flat.device)
+    return out.scatter_(0, slot, torch.arange(flat.numel(), device=flat.device))[:count]
+
+
+def token_runs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of consecutive ``tokens`` (B, N) bool (a run never spans rows): ``edges`` (B, N + 1) long, +1 at the
+    first token of a run, -1 one past its last one, and the number of runs as a 0-d tensor (not read back)."""
+    padded = torch.nn.functional.pad(tokens.long(), (1, 1))
+    edges = padded[:, 1:] - padded[:, :-1]
+    return edges, (edges == 1).sum()
+
+
+def run_table(edges: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count,) long each, the ``count`` runs of ``token_runs`` in batch row-major order: batch row, first token,
+    one past the last token. No host read."""
+    width = edges.shape[1]
+    starts = true_indices(edges == 1, count)
+    ends = true_indices(edges == -1, count)
+    return torch.div(starts, width, rounding_mode="floor"), starts % width, ends % width
 
 
 def is_instance_of(obj: Any, class_names: str | tuple[str, ...]) -> bool:

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout
+from ..core import read_ints
+from .base import Adapter, VisionLayout, run_table, token_runs
 
 __all__ = ["Idefics3Adapter", "SmolVLMAdapter"]
 
@@ -95,35 +96,36 @@ class Idefics3Adapter(Adapter):
             image_tokens = input_ids == config.image_token_id
         else:
             image_tokens = self.token_mask(None, inputs_embeds, config.image_token_id)
-        if not bool(image_tokens.any()):
-            return None
         encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get("image")
         if call_kwargs.get("pixel_values") is None and encoded is None:
             return None  # no features come with these ids: the model embeds them as text, so do we
+        B, N = image_tokens.shape
+        device = image_tokens.device
+        edges, num_runs = token_runs(image_tokens)
+        (R,), = read_ints(num_runs)  # read 1: the runs of image tokens
+        if R == 0:
+            return None
         side = self.tile_side(config)
         if not side:
             raise ValueError(f"lightkv: cannot tell the tile size of {type(self.model).__name__} from its config "
                              "(vision image_size, patch_size, scale_factor)")
-        B, N = image_tokens.shape
-        device = image_tokens.device
 
-        padded = torch.nn.functional.pad(image_tokens.long(), (1, 1))
-        edges = padded[:, 1:] - padded[:, :-1]
-        starts = torch.nonzero(edges == 1)  # (R, 2): batch row, first token; batch row-major order
-        run_row, run_start = starts[:, 0], starts[:, 1]
-        run_end = torch.nonzero(edges == -1)[:, 1]
-        lengths = run_end - run_start
-        if bool((lengths != side * side).any()):
-            bad = int(lengths[lengths != side * side][0])
-            raise ValueError(f"lightkv: a run of {bad} image tokens; every tile and global image is {side}x{side} = "
-                             f"{side * side} tokens (pass the processor's output unchanged)")
-        if bool((run_start == 0).any()):
+        # read 2: each run's batch row, first token and end (batch row-major order) and the marker before it
+        run_row, run_start, run_end = run_table(edges, R)
+        from_ids, marker = self._markers(input_ids, inputs_embeds, run_row, (run_start - 1).clamp(min=0))
+        rows_of, starts, ends, marker = read_ints(run_row, run_start, run_end, marker)
+        lengths = [end - start for start, end in zip(starts, ends)]
+        wrong = [length for length in lengths if length != side * side]
+        if wrong:
+            raise ValueError(f"lightkv: a run of {wrong[0]} image tokens; every tile and global image is "
+                             f"{side}x{side} = {side * side} tokens (pass the processor's output unchanged)")
+        if 0 in starts:
             raise ValueError("lightkv: a prompt starts with image tokens: every tile or global image follows its "
                              "marker token")
-        is_global = self._behind_global_marker(input_ids, inputs_embeds, run_row, run_start)
+        last_in_row = [k == R - 1 or rows_of[k + 1] != rows_of[k] for k in range(R)]
+        is_global = self._behind_global_marker(from_ids, marker, last_in_row)
 
-        R = int(run_row.shape[0])
-        run_list = list(zip(run_row.tolist(), run_start.tolist(), run_end.tolist(), is_global.tolist()))
+        run_list = list(zip(rows_of, starts, ends, is_global))
         image_of_run, tile_row, tile_col = [0] * R, [0] * R, [0] * R
         grids: list[tuple[int, int]] = []
         tiles: list[int] = []  # runs of the image in progress (its tiles)
@@ -166,29 +168,36 @@ class Idefics3Adapter(Adapter):
         grid_hw = torch.tensor(grids, dtype=torch.long, device=device).view(-1, 2)
         return VisionLayout(image_tokens, image_index, rows, cols, grid_hw)
 
-    def _behind_global_marker(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                              run_row: torch.Tensor, run_start: torch.Tensor) -> torch.Tensor:
-        """(R,) bool: whether the token before each run is ``<global-img>``."""
+    def _markers(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                 run_row: torch.Tensor, before: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """(R,) long, what the host needs about the token before each run (at ``before``): its id, or from
+        embeddings whether it is ``<global-img>`` (when that id is not set: the same token as before the first
+        run that is the last of its batch row). Returns (from ids, the tensor). No host read."""
+        if input_ids is not None:
+            return True, input_ids[run_row, before]
+        marker = inputs_embeds[run_row, before]  # (R, D)
+        if self.global_image_token_id is not None:
+            return False, self.token_mask(None, marker[None], self.global_image_token_id)[0]
         last_in_row = torch.ones_like(run_row, dtype=torch.bool)
         last_in_row[:-1] = run_row[1:] != run_row[:-1]
+        reference = marker[last_in_row.long().argmax()]
+        return False, (marker == reference).all(-1)
+
+    def _behind_global_marker(self, from_ids: bool, marker: list[int], last_in_row: list[bool]) -> list[bool]:
+        """Whether the token before each run is ``<global-img>``, from ``_markers``' values read back."""
         global_id = self.global_image_token_id
-        if input_ids is not None:
-            marker = input_ids[run_row, run_start - 1]
+        if from_ids:
             if global_id is None:
-                found = torch.unique(marker[last_in_row]).tolist()
+                found = sorted({token for token, last in zip(marker, last_in_row) if last})
                 if len(found) != 1:
                     raise ValueError(f"lightkv: cannot tell the <global-img> id: the last images of the batch rows "
                                      f"follow ids {found}; set model.config.global_image_token_id from the processor")
                 global_id = found[0]
-            return marker == global_id
-        marker = inputs_embeds[run_row, run_start - 1]  # (R, D)
-        if global_id is not None:
-            return self.token_mask(None, marker[None], global_id)[0]
-        reference = marker[last_in_row]
-        if not bool((reference == reference[:1]).all()):
+            return [token == global_id for token in marker]
+        if global_id is None and not all(same for same, last in zip(marker, last_in_row) if last):
             raise ValueError("lightkv: cannot tell the <global-img> token: the last images of the batch rows follow "
                              "different tokens; set model.config.global_image_token_id from the processor")
-        return (marker == reference[:1]).all(-1)
+        return [bool(flag) for flag in marker]
 
 
 class SmolVLMAdapter(Idefics3Adapter):

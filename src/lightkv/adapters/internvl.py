@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core import read_ints
 from .base import Adapter, VisionLayout
 
 __all__ = ["InternVLAdapter", "tile_layout"]
@@ -79,38 +80,49 @@ class InternVLAdapter(Adapter):
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
         config = self.model.config
+        if not self.has_features(call_kwargs):
+            return None  # no features come with image ids: the model embeds them as text, so do we
         image_tokens = self.token_mask(input_ids, inputs_embeds, config.image_token_id)
-        if not bool(image_tokens.any()) or not self.has_features(call_kwargs):
-            return None  # no image ids, or no features come with them: the model embeds them as text, so do we
         grid = self.default_grid()
         if grid is None:
+            if not bool(image_tokens.any()):
+                return None  # plain text (a read only on this error path)
             raise ValueError(f"lightkv: cannot tell the tile token grid of {type(self.model).__name__} from its "
                              "config (vision_config.image_size, vision_config.patch_size, downsample_ratio)")
-        return tile_layout(image_tokens, grid)
+        return tile_layout(image_tokens, grid, empty_is_none=True)
 
 
-def tile_layout(image_tokens: torch.Tensor, grid: tuple[int, int]) -> VisionLayout:
+def tile_layout(image_tokens: torch.Tensor, grid: tuple[int, int], empty_is_none: bool = False
+                ) -> VisionLayout | None:
     """Layout of prompts whose image tokens are whole tiles of ``grid`` (rows, cols) tokens in raster order.
 
     image_tokens: (B, N) bool. Each run of consecutive image tokens must be a whole number of tiles; the
-    k-th tile of the batch (row-major) gets image_index k. ValueError otherwise.
+    k-th tile of the batch (row-major) gets image_index k. ValueError otherwise. empty_is_none: None when there
+    is no image token. One device -> host read (the image tokens and the first bad run), whatever the batch.
     """
     rows_per_tile, cols_per_tile = grid
     per_tile = rows_per_tile * cols_per_tile
-    padded = torch.nn.functional.pad(image_tokens.long(), (1, 1))
-    edges = padded[:, 1:] - padded[:, :-1]
-    run_lengths = torch.nonzero(edges == -1)[:, 1] - torch.nonzero(edges == 1)[:, 1]
-    bad = run_lengths % per_tile != 0
-    if bool(bad.any()):
-        raise ValueError(f"lightkv: a run of {int(run_lengths[bad][0])} image tokens is not a whole number of tiles "
-                         f"of {per_tile} tokens ({rows_per_tile}x{cols_per_tile} after the pixel shuffle)")
     k = (torch.cumsum(image_tokens.reshape(-1).long(), 0) - 1).view_as(image_tokens).clamp(min=0)
+    # the length of each run of consecutive image tokens, at its last token (a run never spans rows)
+    before = torch.nn.functional.pad(image_tokens[:, :-1], (1, 0), value=False)
+    after = torch.nn.functional.pad(image_tokens[:, 1:], (0, 1), value=False)
+    run_start_k = torch.cummax(torch.where(image_tokens & ~before, k, -1), dim=1).values
+    run_length = k - run_start_k + 1
+    bad = image_tokens & ~after & (run_length % per_tile != 0)
+    first_bad = bad.reshape(-1).long().argmax(0, keepdim=True)  # row-major: the first bad run of the batch
+    total, bad_length = read_ints(image_tokens.sum(), torch.where(bad, run_length, 0).reshape(-1)[first_bad])
+    total, bad_length = total[0], bad_length[0]
+    if empty_is_none and total == 0:
+        return None
+    if bad_length:
+        raise ValueError(f"lightkv: a run of {bad_length} image tokens is not a whole number of tiles "
+                         f"of {per_tile} tokens ({rows_per_tile}x{cols_per_tile} after the pixel shuffle)")
     tile = torch.div(k, per_tile, rounding_mode="floor")
     local = k - tile * per_tile
     zeros = torch.zeros_like(k)
     image_index = torch.where(image_tokens, tile, torch.full_like(k, -1))
     rows = torch.where(image_tokens, torch.div(local, cols_per_tile, rounding_mode="floor"), zeros)
     cols = torch.where(image_tokens, local % cols_per_tile, zeros)
-    num_tiles = int(image_tokens.sum()) // per_tile
+    num_tiles = total // per_tile
     grid_hw = torch.tensor([[rows_per_tile, cols_per_tile]], device=image_tokens.device).expand(num_tiles, 2)
     return VisionLayout(image_tokens, image_index, rows, cols, grid_hw)

@@ -21,11 +21,14 @@ Grids come from ``image_sizes`` (and the config's pinpoints) when the call carri
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ..core import read_ints
 from .base import VisionLayout
 from .llava import LlavaAdapter
 
@@ -62,25 +65,6 @@ def _shrunk(grid: tuple[int, int], side: int, aspect: str) -> tuple[int, int]:
 
 
 # an item (image or video) is a list of parts: ("grid", rows, cols, newline_after_each_row) or ("newline",)
-def _item_tokens(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Per token of one item: local grid index (-1: newline), row, col; and the item's grids."""
-    index, rows, cols, grids = [], [], [], []
-    for part in parts:
-        if part[0] == "newline":
-            index.append(torch.tensor([-1]))
-            rows.append(torch.zeros(1, dtype=torch.long))
-            cols.append(torch.zeros(1, dtype=torch.long))
-            continue
-        _, h, w, newlines = part
-        width = w + int(newlines)
-        r = torch.arange(h).repeat_interleave(width)
-        c = torch.arange(width).repeat(h)
-        is_patch = c < w
-        index.append(torch.where(is_patch, torch.full_like(r, len(grids)), torch.full_like(r, -1)))
-        rows.append(torch.where(is_patch, r, 0))
-        cols.append(torch.where(is_patch, c, 0))
-        grids.append((h, w))
-    return torch.cat(index), torch.cat(rows), torch.cat(cols), grids
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -129,30 +113,54 @@ class LlavaNextAdapter(LlavaAdapter):
     def _adjust_high_res(self, grid: tuple[int, int], call_kwargs: dict) -> tuple[int, int]:
         return grid
 
-    def _patched(self, num_images: int, call_kwargs: dict) -> list[bool]:
+    def _patched(self, num_images: int, call_kwargs: dict, per_sample: list[int] | None = None) -> list[bool]:
+        """Whether each image has a high-resolution grid; ``per_sample``: the ``batch_num_images`` values when
+        the caller read them back already (see ``_per_sample_images``)."""
         return [True] * num_images
+
+    def _per_sample_images(self, call_kwargs: dict) -> torch.Tensor | None:
+        """Images per sample the layout needs on the host (OneVision's ``batch_num_images``), or None."""
+        return None
 
     def _items_from_sizes(self, image_sizes: torch.Tensor, call_kwargs: dict) -> list[list[tuple]]:
         sizes = [tuple(int(v) for v in size) for size in image_sizes.tolist()]
         patched = self._patched(len(sizes), call_kwargs)
         return [self._image_parts(size, p, call_kwargs) for size, p in zip(sizes, patched)]
 
-    def _items_from_features(self, features: list[torch.Tensor]) -> list[list[tuple]]:
-        """Read each image's grids from its packed features: the base grid, then rows ending in a newline."""
-        side = self._side()
+    def _feature_stats(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(len(features), 3) long, on the device, per image's packed features (base grid, then high-resolution
+        rows each ending in a newline): in the part after the base grid, the newline tokens, the index of the first
+        one (0 when none), and the tokens that disagree with rows as long as that index (a newline where none
+        belongs or none where one does). No host read: ``_items_from_feature_stats`` reads the grids off them."""
+        side2 = self._side() ** 2
         newline = self.entry_module.image_newline
-        items = []
+        stats = []
         for feature in features:
-            is_newline = (feature == newline.to(feature.device, feature.dtype)).all(-1)
-            where = torch.nonzero(is_newline[side * side:]).flatten().tolist()
-            length = int(feature.shape[0]) - side * side
-            if where == [length - 1] and length == 1:
+            length = int(feature.shape[0]) - side2
+            if length <= 0:
+                stats.append(torch.zeros(3, dtype=torch.long, device=feature.device))
+                continue
+            is_newline = (feature[side2:] == newline.to(feature.device, feature.dtype)).all(-1)
+            first = is_newline.long().argmax()
+            j = torch.arange(length, device=feature.device)
+            expected = (j + 1) % (first + 1) == 0  # a newline closes every row of (first + 1) tokens
+            stats.append(torch.stack([is_newline.sum(), first, (expected != is_newline).sum()]))
+        return torch.stack(stats).long()
+
+    def _items_from_feature_stats(self, lengths: list[int], stats: list[int]) -> list[list[tuple]]:
+        """Each image's grids from its packed features' length and ``_feature_stats`` (read back, flat)."""
+        side = self._side()
+        items = []
+        for i, size in enumerate(lengths):
+            newlines, first, wrong = stats[3 * i:3 * i + 3]
+            length = size - side * side
+            if length == 1 and newlines == 1:
                 items.append([("grid", side, side, False), ("newline",)])
                 continue
-            cols = where[0] if where else -1
-            rows = len(where)
-            if cols <= 0 or rows * (cols + 1) != length or where != [(i + 1) * (cols + 1) - 1 for i in range(rows)]:
-                raise ValueError(f"lightkv: cannot read the image grids from encoded features of {feature.shape[0]} "
+            cols = first if newlines else -1
+            rows = newlines
+            if cols <= 0 or rows * (cols + 1) != length or wrong:
+                raise ValueError(f"lightkv: cannot read the image grids from encoded features of {size} "
                                  f"tokens (base {side}x{side}, then rows each ending in image_newline); pass "
                                  "pixel_values and image_sizes")
             items.append([("grid", side, side, False), ("grid", rows, cols, True)])
@@ -173,58 +181,104 @@ class LlavaNextAdapter(LlavaAdapter):
             ids["video"] = config.video_token_id
         return {name: self.token_mask(input_ids, inputs_embeds, token_id) for name, token_id in ids.items()}
 
-    def _items(self, name: str, call_kwargs: dict) -> list[list[tuple]] | None:
-        encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get(name)
-        if name == "image":
-            if call_kwargs.get("pixel_values") is not None:
-                sizes = call_kwargs.get("image_sizes")
-                if sizes is None:
+    def _item_source(self, name: str, call_kwargs: dict, device: torch.device
+                     ) -> tuple[list[torch.Tensor], Callable[[list[list[int]]], list[list[tuple]] | None]]:
+        """How the items of ``name`` are found: the tensors the host needs (read with the layout's one read)
+        and a function of their values read back that gives the items (None: no features come with the ids).
+        Errors are raised by that function, so only for a prompt that holds the ids."""
+        if name != "image":
+            encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get(name)
+            return [], lambda values: self._video_items(call_kwargs, encoded)  # from shapes: nothing to read
+        if call_kwargs.get("pixel_values") is not None:
+            sizes = call_kwargs.get("image_sizes")
+            if sizes is None:
+                def missing(values):
                     raise ValueError(f"lightkv: {type(self.model).__name__} needs image_sizes with pixel_values")
-                return self._items_from_sizes(torch.as_tensor(sizes), call_kwargs)
-            if encoded is not None:
-                return self._items_from_features(list(encoded.pooler_output))
-            return None
-        return self._video_items(call_kwargs, encoded)
+                return [], missing
+            per_sample = self._per_sample_images(call_kwargs)
+            reads = [torch.as_tensor(sizes).to(device)] + ([] if per_sample is None else [per_sample.to(device)])
+
+            def from_sizes(values):
+                flat = values[0]
+                sizes = [tuple(flat[i:i + 2]) for i in range(0, len(flat), 2)]
+                patched = self._patched(len(sizes), call_kwargs, values[1] if per_sample is not None else None)
+                return [self._image_parts(size, p, call_kwargs) for size, p in zip(sizes, patched)]
+            return reads, from_sizes
+        encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get(name)
+        if encoded is None:
+            return [], lambda values: None
+        features = list(encoded.pooler_output)
+        lengths = [int(feature.shape[0]) for feature in features]
+        reads = [self._feature_stats(features).to(device)] if features else []
+        return reads, lambda values: self._items_from_feature_stats(lengths, values[0] if values else [])
 
     def _video_items(self, call_kwargs: dict, encoded) -> list[list[tuple]] | None:
         return None
 
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
+        """One device -> host read: the tokens of each modality per row, and what the grids follow from
+        (``image_sizes``, or statistics of the encoded features under ``generate``); every per-token value is
+        then computed on the device from a small table of the items' parts."""
         masks = self._token_masks(input_ids, inputs_embeds)
         ref = next(iter(masks.values()))
         B, N = ref.shape
         device = ref.device
+        sources = {name: self._item_source(name, call_kwargs, device) for name in masks}
+        values = read_ints(*(tokens.sum(1) for tokens in masks.values()),
+                           *(t for reads, _ in sources.values() for t in reads))
+        row_counts = dict(zip(masks, values))
+        at = len(masks)
         vision_mask = torch.zeros(B, N, dtype=torch.bool, device=device)
         image_index = torch.full((B, N), -1, dtype=torch.long, device=device)
         rows = torch.zeros(B, N, dtype=torch.long, device=device)
         cols = torch.zeros(B, N, dtype=torch.long, device=device)
         grids: list[tuple[int, int]] = []
         for name, tokens in masks.items():
-            if not bool(tokens.any()):
+            reads, finish = sources[name]
+            source_values, at = values[at:at + len(reads)], at + len(reads)
+            counts = row_counts[name]
+            if not sum(counts):
                 continue
-            items = self._items(name, call_kwargs)
+            items = finish(source_values)
             if items is None:
                 continue  # no features come with these ids: the model embeds them as text, so do we
             self._check_strategy(call_kwargs)
-            parts = [_item_tokens(item) for item in items]
-            lengths = torch.tensor([len(p[0]) for p in parts])
-            counts = tokens.sum(1).cpu()
-            if int(counts.sum()) != int(lengths.sum()):
-                raise ValueError(f"lightkv: the prompt holds {int(counts.sum())} {name} tokens, the {name}s' grids "
-                                 f"describe {int(lengths.sum())} (base grid + high-resolution rows + newlines)")
-            if not bool(torch.isin(torch.cumsum(counts, 0)[counts > 0], torch.cumsum(lengths, 0)).all()):
+            # the items' parts, in token order: (first token, tokens, tokens per row, patches per row, grid)
+            table, start = [], 0
+            item_ends = set()
+            for item in items:
+                for part in item:
+                    if part[0] == "newline":
+                        table.append((start, 1, 1, 0, -1))
+                        start += 1
+                        continue
+                    _, h, w, newlines = part
+                    width = w + int(newlines)
+                    table.append((start, h * width, width, w, len(grids)))
+                    start += h * width
+                    grids.append((h, w))
+                item_ends.add(start)
+            total = sum(counts)
+            if total != start:
+                raise ValueError(f"lightkv: the prompt holds {total} {name} tokens, the {name}s' grids "
+                                 f"describe {start} (base grid + high-resolution rows + newlines)")
+            if not {end for end, count in zip(itertools.accumulate(counts), counts) if count} <= item_ends:
                 raise ValueError(f"lightkv: a batch row holds part of a {name}: every row must hold whole {name}s")
-            local_index, local_rows, local_cols = [], [], []
-            for index, r, c, item_grids in parts:
-                local_index.append(torch.where(index >= 0, index + len(grids), -1))
-                local_rows.append(r)
-                local_cols.append(c)
-                grids.extend(item_grids)
+            if not table:
+                continue
+            part = torch.tensor(table, dtype=torch.long, device=device)  # (P, 5)
+            part_start, part_width, part_w, part_grid = part[:, 0], part[:, 2], part[:, 3], part[:, 4]
+            k = (torch.cumsum(tokens.reshape(-1).long(), 0) - 1).view(B, N).clamp(min=0)  # k-th token of the batch
+            p = torch.searchsorted(part_start + part[:, 1], k, right=True).clamp(max=part.shape[0] - 1)
+            local = k - part_start[p]
+            width = part_width[p]
+            r, c = torch.div(local, width, rounding_mode="floor"), local % width
+            is_patch = tokens & (part_grid[p] >= 0) & (c < part_w[p])
             vision_mask |= tokens
-            image_index[tokens] = torch.cat(local_index).to(device)
-            rows[tokens] = torch.cat(local_rows).to(device)
-            cols[tokens] = torch.cat(local_cols).to(device)
+            image_index = torch.where(is_patch, part_grid[p], image_index)
+            rows = torch.where(is_patch, r, rows)
+            cols = torch.where(is_patch, c, cols)
         if not grids:
             return None
         grid_hw = torch.tensor(grids, dtype=torch.long, device=device)
@@ -244,11 +298,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         aspect = call_kwargs.get("vision_aspect_ratio") or self.model.config.vision_aspect_ratio
         return _shrunk(grid, self._side(), aspect)
 
-    def _patched(self, num_images: int, call_kwargs: dict) -> list[bool]:
+    def _per_sample_images(self, call_kwargs: dict) -> torch.Tensor | None:
         per_sample = call_kwargs.get("batch_num_images")
+        return None if per_sample is None else torch.as_tensor(per_sample)
+
+    def _patched(self, num_images: int, call_kwargs: dict, per_sample: list[int] | None = None) -> list[bool]:
         if per_sample is None:
-            return [True] * num_images
-        patched = [int(n) == 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(int(n))]
+            per_sample = call_kwargs.get("batch_num_images")
+            if per_sample is None:
+                return [True] * num_images
+            per_sample = torch.as_tensor(per_sample).tolist()
+        patched = [int(n) == 1 for n in per_sample for _ in range(int(n))]
         if len(patched) != num_images:
             raise ValueError(f"lightkv: batch_num_images sums to {len(patched)} images, image_sizes holds "
                              f"{num_images}")

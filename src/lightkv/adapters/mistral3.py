@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, VisionLayout
+from ..core import read_ints
+from .base import Adapter, VisionLayout, run_table, token_runs
 
 __all__ = ["Mistral3Adapter", "PixtralLlavaAdapter", "has_pixtral_tower"]
 
@@ -161,9 +162,11 @@ class Mistral3Adapter(Adapter):
 
     def vision_layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                       call_kwargs: dict) -> VisionLayout | None:
+        """Two device -> host reads, whatever the batch or the number of images: the number of runs of [IMG]
+        tokens, then each run's batch row, first token, end and the token after it (or, from embeddings, whether
+        that token is [IMG_END] / the break token) with ``image_sizes``; the checks and the grids follow on the
+        host from those values."""
         image_tokens = self._image_token_mask(input_ids, inputs_embeds)
-        if not bool(image_tokens.any()):
-            return None
         encoded = (call_kwargs.get("mm_encoder_outputs") or {}).get("image")
         if call_kwargs.get("pixel_values") is None and encoded is None:
             return None  # no features come with these ids: the model embeds them as text, so do we
@@ -171,106 +174,126 @@ class Mistral3Adapter(Adapter):
         device = image_tokens.device
 
         # runs of consecutive [IMG] tokens, in batch row-major order (the order features are scattered in)
-        padded = torch.nn.functional.pad(image_tokens.long(), (1, 1))
-        edges = padded[:, 1:] - padded[:, :-1]  # (B, N + 1)
-        starts = torch.nonzero(edges == 1)  # (R, 2): batch row, first token
-        run_row, run_start = starts[:, 0], starts[:, 1]
-        run_end = torch.nonzero(edges == -1)[:, 1]  # one past the last token
-        lengths = run_end - run_start
-        if bool((run_end >= N).any()):
+        edges, num_runs = token_runs(image_tokens)
+        (R,), = read_ints(num_runs)  # read 1
+        if R == 0:
+            return None
+        run_row, run_start, run_end = run_table(edges, R)
+        after, after_reads = self._after_runs(input_ids, inputs_embeds, run_row, run_end.clamp(max=N - 1))
+        sizes = call_kwargs.get("image_sizes")
+        sizes = None if sizes is None or call_kwargs.get("pixel_values") is None else torch.as_tensor(sizes)
+        values = read_ints(run_row, run_start, run_end, *after_reads,  # read 2
+                           *([] if sizes is None else [sizes.to(device)]))
+        rows_of, starts, ends = values[:3]
+        if any(end >= N for end in ends):
             raise ValueError("lightkv: a prompt ends inside an image: every image must end with [IMG_END] (pass the "
                              "processor's output unchanged)")
-        is_end = self._run_ends_image(input_ids, inputs_embeds, run_row, run_end)
+        last_in_row = [k == R - 1 or rows_of[k + 1] != rows_of[k] for k in range(R)]
+        is_end = self._run_ends_image(after, values[3:3 + len(after_reads)], last_in_row)
 
         # every run not ending its image is followed by one break token and the next row, of the same length
-        R = int(run_row.shape[0])
-        inner = torch.nonzero(~is_end).flatten()
-        if inner.numel():
-            if int(inner.max()) >= R - 1:
+        lengths = [end - start for start, end in zip(starts, ends)]
+        inner = [k for k in range(R) if not is_end[k]]
+        if inner:
+            if inner[-1] >= R - 1:
                 raise ValueError("lightkv: the last image of the batch has no [IMG_END]")
-            nxt = inner + 1
-            bad = (run_row[nxt] != run_row[inner]) | (run_start[nxt] != run_end[inner] + 1) \
-                | (lengths[nxt] != lengths[inner])
-            if bool(bad.any()):
+            if any(rows_of[k + 1] != rows_of[k] or starts[k + 1] != ends[k] + 1 or lengths[k + 1] != lengths[k]
+                   for k in inner):
                 raise ValueError("lightkv: an image's rows of [IMG] tokens are not equally long runs separated by "
                                  "one [IMG_BREAK] each (pass the processor's output unchanged)")
-        first_run = torch.cat([torch.ones(1, dtype=torch.bool, device=device), is_end[:-1]])
-        image_of_run = torch.cumsum(first_run.long(), 0) - 1  # (R,)
-        first_of_image = torch.nonzero(first_run).flatten()  # (I,)
-        row_of_run = torch.arange(R, device=device) - first_of_image[image_of_run]
-        rows_per_image = torch.bincount(image_of_run)
-        grid_hw = torch.stack([rows_per_image, lengths[first_of_image]], dim=1)  # (I, 2)
-        self._check_image_sizes(grid_hw, call_kwargs)
+        image_of_run, row_of_run, grids = [], [], []
+        for k in range(R):
+            if k == 0 or is_end[k - 1]:  # the first row of an image
+                grids.append([0, lengths[k]])
+            image_of_run.append(len(grids) - 1)
+            row_of_run.append(grids[-1][0])
+            grids[-1][0] += 1
+        if sizes is not None:
+            self._check_image_sizes(grids, values[-1])
 
+        image_of_run_t, row_of_run_t = (torch.tensor(v, dtype=torch.long, device=device)
+                                        for v in (image_of_run, row_of_run))
+        grid_hw = torch.tensor(grids, dtype=torch.long, device=device).view(-1, 2)  # (I, 2)
         run_of_token = (torch.cumsum((edges[:, :N] == 1).reshape(-1).long(), 0) - 1).view(B, N).clamp(min=0)
         position = torch.arange(N, device=device).expand(B, N)
         zeros = torch.zeros(B, N, dtype=torch.long, device=device)
-        image_index = torch.where(image_tokens, image_of_run[run_of_token], torch.full_like(zeros, -1))
-        rows = torch.where(image_tokens, row_of_run[run_of_token], zeros)
+        image_index = torch.where(image_tokens, image_of_run_t[run_of_token], torch.full_like(zeros, -1))
+        rows = torch.where(image_tokens, row_of_run_t[run_of_token], zeros)
         cols = torch.where(image_tokens, position - run_start[run_of_token], zeros)
         return VisionLayout(image_tokens, image_index, rows, cols, grid_hw)
 
-    def _run_ends_image(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                        run_row: torch.Tensor, run_end: torch.Tensor) -> torch.Tensor:
-        """(R,) bool: whether the token after each run is [IMG_END] (else it must be [IMG_BREAK])."""
-        last_in_row = torch.ones_like(run_row, dtype=torch.bool)
-        last_in_row[:-1] = run_row[1:] != run_row[:-1]
-        end_id, break_id = self.image_end_token_id, self.image_break_token_id
+    def _after_runs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                    run_row: torch.Tensor, run_end: torch.Tensor) -> tuple[bool, list[torch.Tensor]]:
+        """What the host needs about the token after each run (at ``run_end``, clamped into the prompt): its id,
+        or from embeddings (R,) bool each, whether it is [IMG_END] (the token after the last run of its batch
+        row when that id is not set) and whether it is the break token (the first token after a run that does
+        not end an image when that id is not set). Returns (from ids, the tensors to read). No host read."""
         if input_ids is not None:
-            after = input_ids[run_row, run_end]  # (R,)
+            return True, [input_ids[run_row, run_end]]
+        after = inputs_embeds[run_row, run_end]  # (R, D)
+        R = after.shape[0]
+        end_id, break_id = self.image_end_token_id, self.image_break_token_id
+        if end_id is None:
+            # compare with the token after the last run of the same batch row
+            last_in_row = torch.ones_like(run_row, dtype=torch.bool)
+            last_in_row[:-1] = run_row[1:] != run_row[:-1]
+            index = torch.arange(R, device=after.device)
+            last_of_row = torch.where(last_in_row, index, R).flip(0).cummin(0).values.flip(0)
+            is_end = (after == after[last_of_row]).all(-1)
+        else:
+            is_end = self.token_mask(None, after[None], end_id)[0]
+        if break_id is None:
+            first_break = (~is_end).long().argmax()  # the first run not ending an image (0 when none)
+            same = (after == after[first_break]).all(-1)
+        else:
+            same = self.token_mask(None, after[None], break_id)[0]
+        return False, [is_end, same]
+
+    def _run_ends_image(self, from_ids: bool, values: list[list[int]], last_in_row: list[bool]) -> list[bool]:
+        """Whether the token after each run is [IMG_END] (else it must be [IMG_BREAK]), from ``_after_runs``'
+        values read back."""
+        end_id, break_id = self.image_end_token_id, self.image_break_token_id
+        R = len(last_in_row)
+        if from_ids:
+            after = values[0]
             if end_id is None:
-                found = torch.unique(after[last_in_row]).tolist()
+                found = sorted({after[k] for k in range(R) if last_in_row[k]})
                 if len(found) != 1:
                     raise ValueError(f"lightkv: cannot tell the [IMG_END] id: the last images of the batch rows end "
                                      f"with ids {found}; set model.config.image_end_token_id from the processor")
                 end_id = found[0]
-            is_end = after == end_id
-            breaks = after[~is_end]
+            is_end = [token == end_id for token in after]
+            breaks = [token for token, end in zip(after, is_end) if not end]
             if break_id is None:
-                found = torch.unique(breaks).tolist()
+                found = sorted(set(breaks))
                 if len(found) > 1:
                     raise ValueError(f"lightkv: rows of [IMG] tokens are followed by ids {found} besides [IMG_END] "
                                      f"{end_id}; only [IMG_BREAK] may follow a row (set model.config."
                                      "image_break_token_id / image_end_token_id from the processor)")
-            elif bool((breaks != break_id).any()):
-                raise ValueError(f"lightkv: a row of [IMG] tokens is followed by id {int(breaks[breaks != break_id][0])}"
-                                 f", neither [IMG_BREAK] {break_id} nor [IMG_END] {end_id}")
-            if not bool(is_end[last_in_row].all()):
+            else:
+                wrong = [token for token in breaks if token != break_id]
+                if wrong:
+                    raise ValueError(f"lightkv: a row of [IMG] tokens is followed by id {wrong[0]}, neither "
+                                     f"[IMG_BREAK] {break_id} nor [IMG_END] {end_id}")
+            if not all(end for end, last in zip(is_end, last_in_row) if last):
                 raise ValueError(f"lightkv: an image does not end with [IMG_END] {end_id}")
             return is_end
-        after = inputs_embeds[run_row, run_end]  # (R, D)
-        if end_id is None:
-            # compare with the token after the last run of the same batch row
-            first_in_row = torch.ones_like(last_in_row)
-            first_in_row[1:] = last_in_row[:-1]
-            row_ordinal = torch.cumsum(first_in_row.long(), 0) - 1
-            row_end = after[torch.nonzero(last_in_row).flatten()[row_ordinal]]
-            is_end = (after == row_end).all(-1)
-        else:
-            is_end = self.token_mask(None, after[None], end_id)[0]
-        breaks = after[~is_end]
-        if breaks.shape[0]:
-            if break_id is None:
-                same = (breaks == breaks[:1]).all(-1)
-            else:
-                same = self.token_mask(None, breaks[None], break_id)[0]
-            if not bool(same.all()):
-                raise ValueError("lightkv: rows of [IMG] tokens are followed by different tokens besides [IMG_END]; "
-                                 "only [IMG_BREAK] may follow a row")
-        if not bool(is_end[last_in_row].all()):
+        is_end, same = ([bool(v) for v in flags] for flags in values)
+        if not all(s for s, end in zip(same, is_end) if not end):
+            raise ValueError("lightkv: rows of [IMG] tokens are followed by different tokens besides [IMG_END]; "
+                             "only [IMG_BREAK] may follow a row")
+        if not all(end for end, last in zip(is_end, last_in_row) if last):
             raise ValueError("lightkv: an image does not end with [IMG_END]")
         return is_end
 
-    def _check_image_sizes(self, grid_hw: torch.Tensor, call_kwargs: dict) -> None:
-        sizes = call_kwargs.get("image_sizes")
-        if sizes is None or call_kwargs.get("pixel_values") is None:
-            return
-        sizes = torch.as_tensor(sizes, device=grid_hw.device).reshape(-1, 2)
+    def _check_image_sizes(self, grids: list[list[int]], sizes: list[int]) -> None:
+        """The grids (rows, cols) against ``image_sizes`` (read back, flat: H, W per image) of the call."""
+        sizes = [sizes[i:i + 2] for i in range(0, len(sizes), 2)]
         unit = self.model.config.vision_config.patch_size * self.merge_size(self.model.config)
-        expected = torch.div(sizes, unit, rounding_mode="floor")
-        if expected.shape != grid_hw.shape or not torch.equal(expected, grid_hw):
-            raise ValueError(f"lightkv: the prompt's [IMG] rows describe grids {grid_hw.tolist()} (rows, cols), "
-                             f"image_sizes {sizes.tolist()} give {expected.tolist()} (pixels // {unit})")
+        expected = [[v // unit for v in size] for size in sizes]
+        if expected != grids:
+            raise ValueError(f"lightkv: the prompt's [IMG] rows describe grids {grids} (rows, cols), "
+                             f"image_sizes {sizes} give {expected} (pixels // {unit})")
 
 
 class PixtralLlavaAdapter(Mistral3Adapter):
