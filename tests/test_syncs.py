@@ -2,8 +2,8 @@
 
 Goals held here (exact counts, patched minus unpatched): decode steps add no sync (batch 1, padded batches,
 LLaVA and Qwen); a prefill stage adds 1 (LightKV, ToMe, FastV, PDrop, DART), before the decoder
-1 (LLaVA, LLaVA-NeXT / OneVision, InternVL) or 2 (Qwen under ``generate``, Idefics3, Mistral3 / Pixtral), after
-the last stage 1, whatever the batch size, padding or number of images; the per-sample diagnostics
+1 (LLaVA, LLaVA-NeXT / OneVision, InternVL, Gemma 3, Aya Vision) or 2 (Qwen and GLM-4V under ``generate``,
+Idefics3, Mistral3 / Pixtral), after the last stage 1, whatever the batch size, padding or number of images; the per-sample diagnostics
 (kept_positions, merge_maps) cost syncs only with ``apply(..., record=True)``.
 """
 
@@ -12,9 +12,10 @@ import torch
 
 import lightkv
 from lightkv.perf.syncs import SyncCounter, count_syncs, format_report
-from lightkv.testing import (batch_prompts, idefics3_prompt, internvl_prompt, llava_next_prompt, llava_prompt,
-                             mistral3_prompt, qwen_prompt, tiny_idefics3, tiny_internvl, tiny_llava, tiny_llava_next,
-                             tiny_llava_onevision, tiny_mistral3, tiny_pixtral_llava, tiny_qwen2_5_vl)
+from lightkv.testing import (aya_vision_prompt, batch_prompts, gemma3_prompt, glm4v_prompt, idefics3_prompt,
+                             internvl_prompt, llava_next_prompt, llava_prompt, mistral3_prompt, qwen_prompt,
+                             tiny_aya_vision, tiny_gemma3, tiny_glm4v, tiny_idefics3, tiny_internvl, tiny_llava,
+                             tiny_llava_next, tiny_llava_onevision, tiny_mistral3, tiny_pixtral_llava, tiny_qwen2_5_vl)
 
 SCHEDULE = dict(layers=(1, 2, 4), windows=(4, 2, 1), ratios=(0.5, 0.5, 0.5))
 QWEN_SCHEDULE = dict(layers=(1, 2), windows=(1, 1), ratios=(0.5, 0.5), min_tokens_per_window=4)
@@ -42,6 +43,13 @@ LAYOUTS = {
                  lambda m: mistral3_prompt(m, [1, 3], [7], images=[(3, 4), (2, 5), (4, 4)], seed=1)),
     "pixtral": (tiny_pixtral_llava, 2, lambda m: mistral3_prompt(m, [1, 3, 4], [7, 8, 9]),
                 lambda m: mistral3_prompt(m, [1, 3], [7], images=[(3, 4), (2, 5), (4, 4)], seed=1)),
+    # GLM-4V two (the grids read back from the positions under ``generate``), Gemma 3 and Aya Vision one
+    "glm4v": (tiny_glm4v, 2, lambda m: glm4v_prompt(m, [1, 3, 4], [7, 8, 9]),
+              lambda m: glm4v_prompt(m, [1, 3], [7], images=[(6, 8), (4, 4)], seed=1)),
+    "gemma3": (tiny_gemma3, 1, lambda m: gemma3_prompt(m, [1, 3, 4], [7, 8, 9]),
+               lambda m: gemma3_prompt(m, [1, 3], [7], num_images=2, seed=1)),
+    "aya_vision": (tiny_aya_vision, 1, lambda m: aya_vision_prompt(m, [1, 3, 4], [7, 8, 9]),
+                   lambda m: aya_vision_prompt(m, [1, 3], [7], tiles=[2, 1], seed=1)),
 }
 LAYOUT_SCHEDULE = dict(layers=(1, 2, 4), windows=(1, 1, 1), ratios=(0.5, 0.5, 0.5))
 AFTER = 1  # handle.stats: every count read back at once
