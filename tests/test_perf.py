@@ -287,7 +287,7 @@ def test_bench_on_tiny_spec_writes_bench_json(tmp_path):
     # FLOPs inside the span: the layers plus the method's stages, everything but vision tower and LM head
     assert ours["flops_layers"] - ours["flops_method"] < none["flops_layers"] < none["flops"]
     assert none["prefill_flops_expected_ratio"] == pytest.approx(1.0)
-    share = none["prefill_decoder_ms"] / none["prefill_ms"]
+    share = none["prefill_decoder_ms"] / (none["prefill_decoder_ms"] + none["prefill_outside_ms"])
     outside_flops = (ours["flops"] - ours["flops_layers"]) / (none["flops"] - none["flops_layers"])
     assert ours["prefill_flops_expected_ratio"] == pytest.approx(
         share * ours["flops_layers_ratio"] + (1 - share) * outside_flops)

@@ -254,9 +254,10 @@ def _expected_ratio(row: dict, base: dict) -> float | None:
     """The prefill time ratio to expect if each part's time followed its own FLOPs: the uncompressed run's
     measured split (decoder span vs the rest), each part scaled by its FLOPs ratio. It differs from the plain
     FLOPs ratio when the parts run at different FLOP rates (on CPU the vision tower's is lower)."""
-    decoder, outside, total = (base.get(k) for k in ("prefill_decoder_ms", "prefill_outside_ms", "prefill_ms"))
-    if None in (decoder, outside, total) or not total or not base["flops_layers"]:
+    decoder, outside = base.get("prefill_decoder_ms"), base.get("prefill_outside_ms")
+    if decoder is None or outside is None or decoder + outside <= 0 or not base["flops_layers"]:
         return None
+    total = decoder + outside  # the split's own total (medians of the parts need not add up to the median)
     outside_flops = ratio(row["flops"] - row["flops_layers"], base["flops"] - base["flops_layers"])
     if outside_flops is None:
         return None
