@@ -253,7 +253,7 @@ def _add_ratios(rows: list[dict], base_key: str = "method") -> None:
 def _expected_ratio(row: dict, base: dict) -> float | None:
     """The prefill time ratio to expect if each part's time followed its own FLOPs: the uncompressed run's
     measured split (decoder span vs the rest), each part scaled by its FLOPs ratio. It differs from the plain
-    FLOPs ratio when the parts run at different FLOP rates (on CPU the vision tower's is lower)."""
+    FLOPs ratio when the parts run at different FLOP rates."""
     decoder, outside = base.get("prefill_decoder_ms"), base.get("prefill_outside_ms")
     if decoder is None or outside is None or decoder + outside <= 0 or not base["flops_layers"]:
         return None
