@@ -1,0 +1,149 @@
+"""Per-decoder-layer prefill time against per-layer FLOPs, uncompressed vs LightKV, on one model spec.
+
+Answers "where does the gap between the prefill time ratio and the FLOPs ratio come from?": each decoder
+layer's wall time (from its first forward pre-hook to its last forward hook, so a LightKV stage that runs as a
+pre-hook of its layer counts in that layer) and its tokens, with the analytic FLOPs of that layer
+(``perf.flops.decoder_layer_flops``) and the rate in GFLOP/s. A second table times the layer's matmuls alone
+(``torch.nn.functional.linear`` with the layer's weights) at each token count the run saw, so a lower rate of
+the shortened layers can be told apart from work that is not in the FLOPs count.
+
+    python scripts/layer_rates.py --model llava-1.5-7b --layers 8 --dtype float32 --threads 1 --repeats 3
+
+Prints markdown; ``--json`` writes every number. Random weights; one prompt of 1 image (as ``lightkv bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from lightkv.adapters import get_adapter
+from lightkv.engine import apply
+from lightkv.perf.analytic import Workload
+from lightkv.perf.bench import _dtype
+from lightkv.perf.flops import decoder_layer_flops
+from lightkv.perf.methods import make_method
+from lightkv.perf.runs import make_inputs
+from lightkv.perf.specs import get_spec
+
+
+def layer_times(model, inputs) -> tuple[list[float], list[int]]:
+    """Wall seconds and token count of every decoder layer in one prefill."""
+    layers = get_adapter(model).decoder_layers
+    starts: dict[int, float] = {}
+    seconds = [0.0] * len(layers)
+    tokens = [0] * len(layers)
+    hooks = []
+    for i, layer in enumerate(layers):
+        def begin(module, args, kwargs, i=i):
+            starts[i] = time.perf_counter()
+
+        def count(module, args, kwargs, i=i):  # after lightkv's own pre-hooks: the tokens the layer runs
+            hidden = args[0] if args else kwargs["hidden_states"]
+            tokens[i] = hidden.shape[1]
+
+        def end(module, args, kwargs, output, i=i):
+            seconds[i] = time.perf_counter() - starts[i]
+
+        hooks.append(layer.register_forward_pre_hook(begin, prepend=True, with_kwargs=True))
+        hooks.append(layer.register_forward_pre_hook(count, with_kwargs=True))
+        hooks.append(layer.register_forward_hook(end, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seconds, tokens
+
+
+def linear_rates(layer, counts: list[int], dtype: torch.dtype, repeats: int) -> dict[int, dict]:
+    """Seconds of the layer's six projections (q, k, v, o, gate+up, down) on ``n`` random rows, per n."""
+    attn, mlp = layer.self_attn, layer.mlp
+    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+               mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    out = {}
+    for n in counts:
+        inputs = [torch.randn(1, n, w.shape[1], dtype=dtype) for w in weights]
+        flops = sum(2 * n * w.shape[0] * w.shape[1] for w in weights)
+        times = []
+        with torch.no_grad():
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                for x, w in zip(inputs, weights):
+                    torch.nn.functional.linear(x, w)
+                times.append(time.perf_counter() - start)
+        s = statistics.median(times[1:])
+        out[n] = {"seconds": s, "flops": flops, "gflops_per_s": flops / s / 1e9}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llava-1.5-7b")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--method", default="lightkv")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = get_spec(args.model)
+    dtype = _dtype(args.dtype, spec)
+    model = spec.build(num_layers=args.layers, dtype=dtype, device="cpu")
+    inputs = make_inputs(model, Workload(images=1, text_before=40, text_after=20), torch.device("cpu"), dtype)
+    _, method = make_method(args.method, spec, args.layers)
+    t = spec.dims(args.layers)[0]
+    runs: dict[str, list[list[float]]] = {"none": [], args.method: []}
+    tokens: dict[str, list[int]] = {}
+    for rep in range(args.repeats + 1):  # the first is a warm-up
+        for label in runs:
+            handle = apply(model, method) if label != "none" else None
+            try:
+                seconds, counts = layer_times(model, inputs)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            tokens[label] = counts
+            if rep:
+                runs[label].append(seconds)
+            print(f"repetition {rep}{' (warm-up)' if not rep else ''} {label}: "
+                  f"decoder {sum(seconds) * 1000:.0f} ms", flush=True)
+    median = {label: [statistics.median(r[i] for r in reps) for i in range(args.layers)] for label, reps in runs.items()}
+    layer_flops = {label: [sum(v for _, v in decoder_layer_flops(t, n).values()) for n in tokens[label]]
+                   for label in runs}
+    lines = ["| layer | tokens none | tokens lightkv | ms none | ms lightkv | time ratio | FLOPs ratio "
+             "| GFLOP/s none | GFLOP/s lightkv |", "|---|---|---|---|---|---|---|---|---|"]
+    label = args.method
+    for i in range(args.layers):
+        a, b = median["none"][i], median[label][i]
+        fa, fb = layer_flops["none"][i], layer_flops[label][i]
+        lines.append(f"| {i} | {tokens['none'][i]} | {tokens[label][i]} | {a * 1000:.0f} | {b * 1000:.0f} "
+                     f"| {b / a:.3f} | {fb / fa:.3f} | {fa / a / 1e9:.1f} | {fb / b / 1e9:.1f} |")
+    total_a, total_b = sum(median["none"]), sum(median[label])
+    flops_a, flops_b = sum(layer_flops["none"]), sum(layer_flops[label])
+    lines.append(f"| all | | | {total_a * 1000:.0f} | {total_b * 1000:.0f} | **{total_b / total_a:.3f}** "
+                 f"| **{flops_b / flops_a:.3f}** | {flops_a / total_a / 1e9:.1f} | {flops_b / total_b / 1e9:.1f} |")
+    counts = sorted(set(tokens["none"]) | set(tokens[label]), reverse=True)
+    rates = linear_rates(get_adapter(model).decoder_layers[-1], counts, dtype, args.repeats)
+    lines += ["", "| rows | projections ms | GFLOP/s | rate vs the longest |", "|---|---|---|---|"]
+    top = rates[counts[0]]["gflops_per_s"]
+    for n in counts:
+        r = rates[n]
+        lines.append(f"| {n} | {r['seconds'] * 1000:.0f} | {r['gflops_per_s']:.1f} | {r['gflops_per_s'] / top:.3f} |")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "tokens": tokens, "seconds": runs, "median": median,
+                       "layer_flops": layer_flops, "linear": {str(k): v for k, v in rates.items()},
+                       "torch": torch.__version__}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
