@@ -4,10 +4,11 @@ Answers "where does the gap between the prefill time ratio and the FLOPs ratio c
 layer's wall time (from its first forward pre-hook to its last forward hook, so a LightKV stage that runs as a
 pre-hook of its layer counts in that layer) and its tokens, with the analytic FLOPs of that layer
 (``perf.flops.decoder_layer_flops``) and the rate in GFLOP/s. A second table times the layer's matmuls alone
-(``torch.nn.functional.linear`` with the layer's weights) at each token count the run saw, so a lower rate of
+(``torch.nn.functional.linear``, random weights of the layer's shapes) at each token count the run saw, so a lower rate of
 the shortened layers can be told apart from work that is not in the FLOPs count.
 
     python scripts/layer_rates.py --model llava-1.5-7b --layers 8 --dtype float32 --threads 1 --repeats 3
+    python scripts/layer_rates.py --model llava-1.5-7b --dtype bfloat16 --projections-only 636,348,204,132
 
 Prints markdown; ``--json`` writes every number. Random weights; one prompt of 1 image (as ``lightkv bench``).
 """
@@ -61,18 +62,20 @@ def layer_times(model, inputs) -> tuple[list[float], list[int]]:
     return seconds, tokens
 
 
-def linear_rates(layer, counts: list[int], dtype: torch.dtype, repeats: int) -> dict[int, dict]:
-    """Seconds of the layer's six projections (q, k, v, o, gate+up, down) on ``n`` random rows, per n."""
-    attn, mlp = layer.self_attn, layer.mlp
-    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-               mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+def linear_rates(t, counts: list[int], dtype: torch.dtype, repeats: int) -> dict[int, dict]:
+    """Seconds of one decoder layer's seven projections (q, k, v, o, gate, up, down; random weights of the
+    text dims ``t``) on ``n`` random rows, per n: the layer's matmuls without attention or element-wise work."""
+    d, f = t.hidden, t.intermediate
+    shapes = [(t.heads * t.head_dim, d), (t.kv_heads * t.head_dim, d), (t.kv_heads * t.head_dim, d),
+              (d, t.heads * t.head_dim), (f, d), (f, d), (d, f)]
+    weights = [torch.randn(shape, dtype=dtype) for shape in shapes]
     out = {}
     for n in counts:
         inputs = [torch.randn(1, n, w.shape[1], dtype=dtype) for w in weights]
         flops = sum(2 * n * w.shape[0] * w.shape[1] for w in weights)
         times = []
         with torch.no_grad():
-            for _ in range(repeats + 1):
+            for _ in range(repeats + 1):  # the first is a warm-up
                 start = time.perf_counter()
                 for x, w in zip(inputs, weights):
                     torch.nn.functional.linear(x, w)
@@ -80,6 +83,16 @@ def linear_rates(layer, counts: list[int], dtype: torch.dtype, repeats: int) -> 
         s = statistics.median(times[1:])
         out[n] = {"seconds": s, "flops": flops, "gflops_per_s": flops / s / 1e9}
     return out
+
+
+def rates_markdown(rates: dict[int, dict]) -> list[str]:
+    counts = sorted(rates, reverse=True)
+    top = rates[counts[0]]["gflops_per_s"]
+    lines = ["| rows | projections ms | GFLOP/s | rate vs the longest |", "|---|---|---|---|"]
+    for n in counts:
+        r = rates[n]
+        lines.append(f"| {n} | {r['seconds'] * 1000:.0f} | {r['gflops_per_s']:.1f} | {r['gflops_per_s'] / top:.3f} |")
+    return lines
 
 
 def main() -> int:
@@ -91,14 +104,24 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--method", default="lightkv")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--projections-only", metavar="ROWS", default=None,
+                        help="only time the projections at these comma-separated row counts (no model is built)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = get_spec(args.model)
     dtype = _dtype(args.dtype, spec)
+    t = spec.dims(None if args.projections_only else args.layers)[0]
+    if args.projections_only:
+        rates = linear_rates(t, [int(n) for n in args.projections_only.split(",")], dtype, args.repeats)
+        print("\n".join(rates_markdown(rates)))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "linear": {str(k): v for k, v in rates.items()},
+                           "torch": torch.__version__}, f, indent=1)
+        return 0
     model = spec.build(num_layers=args.layers, dtype=dtype, device="cpu")
     inputs = make_inputs(model, Workload(images=1, text_before=40, text_after=20), torch.device("cpu"), dtype)
     _, method = make_method(args.method, spec, args.layers)
-    t = spec.dims(args.layers)[0]
     runs: dict[str, list[list[float]]] = {"none": [], args.method: []}
     tokens: dict[str, list[int]] = {}
     for rep in range(args.repeats + 1):  # the first is a warm-up
@@ -130,12 +153,8 @@ def main() -> int:
     lines.append(f"| all | | | {total_a * 1000:.0f} | {total_b * 1000:.0f} | **{total_b / total_a:.3f}** "
                  f"| **{flops_b / flops_a:.3f}** | {flops_a / total_a / 1e9:.1f} | {flops_b / total_b / 1e9:.1f} |")
     counts = sorted(set(tokens["none"]) | set(tokens[label]), reverse=True)
-    rates = linear_rates(get_adapter(model).decoder_layers[-1], counts, dtype, args.repeats)
-    lines += ["", "| rows | projections ms | GFLOP/s | rate vs the longest |", "|---|---|---|---|"]
-    top = rates[counts[0]]["gflops_per_s"]
-    for n in counts:
-        r = rates[n]
-        lines.append(f"| {n} | {r['seconds'] * 1000:.0f} | {r['gflops_per_s']:.1f} | {r['gflops_per_s'] / top:.3f} |")
+    rates = linear_rates(t, counts, dtype, args.repeats)
+    lines += ["", *rates_markdown(rates)]
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

@@ -347,3 +347,25 @@ def test_cli_bench_and_gpu_script_tiny(tmp_path):
         assert {r["method"] for r in data["rows"]} == {"none", "lightkv"}
         assert "scaling" in data
     assert (out / "analytic.md").exists() and (out / "SUMMARY.md").exists()
+
+
+def test_layer_rates_script_counts_the_tokens_each_layer_runs(tmp_path):
+    """``scripts/layer_rates.py`` times every decoder layer; the tokens it records per layer are those the
+    engine reports for the same schedule (``handle.stats.tokens``), and the uncompressed run keeps the prompt."""
+    out = tmp_path / "rates.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "layer_rates.py"), "--model", "tiny", "--layers", "4",
+                           "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    model = TINY.build()
+    _, method = make_method("lightkv", TINY, 4)
+    inputs = make_inputs(model, Workload(images=1, text_before=40, text_after=20), torch.device("cpu"), torch.float32)
+    handle = lightkv.apply(model, method)
+    with torch.no_grad():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+    assert data["tokens"]["lightkv"] == handle.stats.tokens[0]
+    assert data["tokens"]["none"] == [inputs["input_ids"].shape[1]] * 4
+    assert len(data["tokens"]["lightkv"]) == 4 and min(data["tokens"]["lightkv"]) < data["tokens"]["none"][0]
+    assert set(data["linear"]) == {str(n) for n in set(data["tokens"]["none"]) | set(data["tokens"]["lightkv"])}
+    assert "| all |" in proc.stdout and "GFLOP/s" in proc.stdout
