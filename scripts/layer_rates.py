@@ -62,9 +62,21 @@ def layer_times(model, inputs) -> tuple[list[float], list[int]]:
     return seconds, tokens
 
 
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def linear_rates(t, counts: list[int], dtype: torch.dtype, repeats: int) -> dict[int, dict]:
     """Seconds of one decoder layer's seven projections (q, k, v, o, gate, up, down; random weights of the
-    text dims ``t``) on ``n`` random rows, per n: the layer's matmuls without attention or element-wise work."""
+    text dims ``t``) on ``n`` random rows, and of its causal sdpa attention over ``n`` tokens, per n: the layer's
+    matmuls without element-wise work. Attention FLOPs are counted as ``perf.flops`` counts them (every
+    query against every key, ``4 * heads * n * n * head_dim``)."""
     d, f = t.hidden, t.intermediate
     shapes = [(t.heads * t.head_dim, d), (t.kv_heads * t.head_dim, d), (t.kv_heads * t.head_dim, d),
               (d, t.heads * t.head_dim), (f, d), (f, d), (d, f)]
@@ -73,25 +85,26 @@ def linear_rates(t, counts: list[int], dtype: torch.dtype, repeats: int) -> dict
     for n in counts:
         inputs = [torch.randn(1, n, w.shape[1], dtype=dtype) for w in weights]
         flops = sum(2 * n * w.shape[0] * w.shape[1] for w in weights)
-        times = []
-        with torch.no_grad():
-            for _ in range(repeats + 1):  # the first is a warm-up
-                start = time.perf_counter()
-                for x, w in zip(inputs, weights):
-                    torch.nn.functional.linear(x, w)
-                times.append(time.perf_counter() - start)
-        s = statistics.median(times[1:])
-        out[n] = {"seconds": s, "flops": flops, "gflops_per_s": flops / s / 1e9}
+        s = _median_seconds(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(inputs, weights)], repeats)
+        q = torch.randn(1, t.heads, n, t.head_dim, dtype=dtype)
+        k, v = (torch.randn(1, t.kv_heads, n, t.head_dim, dtype=dtype) for _ in range(2))
+        attention_s = _median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=t.kv_heads != t.heads), repeats)
+        attention_flops = 4 * t.heads * n * n * t.head_dim
+        out[n] = {"seconds": s, "flops": flops, "gflops_per_s": flops / s / 1e9, "attention_seconds": attention_s,
+                  "attention_flops": attention_flops, "attention_gflops_per_s": attention_flops / attention_s / 1e9}
     return out
 
 
 def rates_markdown(rates: dict[int, dict]) -> list[str]:
     counts = sorted(rates, reverse=True)
     top = rates[counts[0]]["gflops_per_s"]
-    lines = ["| rows | projections ms | GFLOP/s | rate vs the longest |", "|---|---|---|---|"]
+    lines = ["| rows | projections ms | GFLOP/s | rate vs the longest | attention ms | attention GFLOP/s (as counted) |",
+             "|---|---|---|---|---|---|"]
     for n in counts:
         r = rates[n]
-        lines.append(f"| {n} | {r['seconds'] * 1000:.0f} | {r['gflops_per_s']:.1f} | {r['gflops_per_s'] / top:.3f} |")
+        lines.append(f"| {n} | {r['seconds'] * 1000:.0f} | {r['gflops_per_s']:.1f} | {r['gflops_per_s'] / top:.3f} "
+                     f"| {r['attention_seconds'] * 1000:.1f} | {r['attention_gflops_per_s']:.1f} |")
     return lines
 
 
@@ -155,6 +168,10 @@ def main() -> int:
     counts = sorted(set(tokens["none"]) | set(tokens[label]), reverse=True)
     rates = linear_rates(t, counts, dtype, args.repeats)
     lines += ["", *rates_markdown(rates)]
+    expected = {lb: sum(rates[n]["seconds"] + rates[n]["attention_seconds"] for n in tokens[lb]) for lb in runs}
+    lines += ["", f"Decoder time ratio expected from the projections' and attention's own times at each layer's "
+                  f"tokens: {expected[label] / expected['none']:.3f} (measured {total_b / total_a:.3f}, FLOPs "
+                  f"{flops_b / flops_a:.3f})"]
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
