@@ -368,4 +368,4 @@ def test_layer_rates_script_counts_the_tokens_each_layer_runs(tmp_path):
     assert data["tokens"]["none"] == [inputs["input_ids"].shape[1]] * 4
     assert len(data["tokens"]["lightkv"]) == 4 and min(data["tokens"]["lightkv"]) < data["tokens"]["none"][0]
     assert set(data["linear"]) == {str(n) for n in set(data["tokens"]["none"]) | set(data["tokens"]["lightkv"])}
-    assert "| all |" in proc.stdout and "GFLOP/s" in proc.stdout
+    assert "| all |" in proc.stdout and "GFLOP/s" in proc.stdout and "Decoder time ratio expected" in proc.stdout
