@@ -134,3 +134,23 @@ def test_padded_batch_masks_have_each_layers_short_length(llava, qwen, name, mon
     assert [(layer, q, k) for layer, q, k, _, _ in spy.calls] == [(i, n, n) for i, n in enumerate(lengths)]
     for layer, q, k, mask, _ in spy.calls[first_short:]:
         assert mask is not None and tuple(mask.shape) == (2, 1, q, k), (layer, None if mask is None else mask.shape)
+
+
+@pytest.mark.parametrize("impl", ["flex_attention", "flash_attention_2"])
+def test_other_attention_implementations_get_a_one_line_error(impl):
+    """flash_attn is not installed here and flex attention is not supported: apply() names the supported
+    implementations in one line, and so does a forward after the model was switched to one under a handle."""
+    model = tiny_llava(num_layers=3, attn_implementation="sdpa")
+    method = lightkv.LightKV(layers=(1,), windows=(2,), ratios=(0.5,))
+    model.config.text_config._attn_implementation = impl
+    with pytest.raises(ValueError, match=r"supports attn_implementation in \('sdpa', 'eager'\), got '" + impl) as err:
+        lightkv.apply(model, method)
+    assert "\n" not in str(err.value)
+    model.config.text_config._attn_implementation = "sdpa"
+    handle = lightkv.apply(model, method)
+    try:
+        model.config.text_config._attn_implementation = impl
+        with pytest.raises(ValueError, match="got '" + impl), torch.no_grad():
+            model(**llava_prompt(model, [1, 3, 4], [7, 8]))
+    finally:
+        handle.remove()
