@@ -1,11 +1,12 @@
 """Per-decoder-layer prefill time against per-layer FLOPs, uncompressed vs LightKV, on one model spec.
 
 Answers "where does the gap between the prefill time ratio and the FLOPs ratio come from?": each decoder
-layer's wall time (from its first forward pre-hook to its last forward hook, so a LightKV stage that runs as a
-pre-hook of its layer counts in that layer) and its tokens, with the analytic FLOPs of that layer
-(``perf.flops.decoder_layer_flops``) and the rate in GFLOP/s. A second table times the layer's matmuls alone
-(``torch.nn.functional.linear``, random weights of the layer's shapes) at each token count the run saw, so a lower rate of
-the shortened layers can be told apart from work that is not in the FLOPs count.
+layer's wall time (from its first forward pre-hook to its last forward hook, so a LightKV stage, a hook on its
+layer, counts in that layer) and its tokens, with the analytic FLOPs of that layer
+(``perf.flops.decoder_layer_flops``) and the rate in GFLOP/s. A second table times the layer's matmuls alone (the
+seven projections with random weights of the layer's shapes, and causal sdpa) at each token count the run saw,
+and the decoder ratio those times predict, so a lower rate of the shortened layers can be told apart from work
+that is not in the FLOPs count.
 
     python scripts/layer_rates.py --model llava-1.5-7b --layers 8 --dtype float32 --threads 1 --repeats 3
     python scripts/layer_rates.py --model llava-1.5-7b --dtype bfloat16 --projections-only 636,348,204,132
