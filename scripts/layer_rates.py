@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -29,7 +28,7 @@ from lightkv.perf.analytic import Workload
 from lightkv.perf.bench import _dtype
 from lightkv.perf.flops import decoder_layer_flops
 from lightkv.perf.methods import make_method
-from lightkv.perf.runs import make_inputs
+from lightkv.perf.runs import make_inputs, median
 from lightkv.perf.specs import get_spec
 
 
@@ -70,7 +69,7 @@ def _median_seconds(fn, repeats: int) -> float:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return median(times[1:])
 
 
 def linear_rates(t, counts: list[int], dtype: torch.dtype, repeats: int) -> dict[int, dict]:
@@ -109,6 +108,14 @@ def rates_markdown(rates: dict[int, dict]) -> list[str]:
     return lines
 
 
+def write_json(args: argparse.Namespace, rates: dict[int, dict], **measured) -> None:
+    """``--json``: the arguments, the per-layer measurements (if any) and the projections' rates."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), **measured, "linear": {str(k): v for k, v in rates.items()},
+                       "torch": torch.__version__}, f, indent=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llava-1.5-7b")
@@ -128,10 +135,7 @@ def main() -> int:
     if args.projections_only:
         rates = linear_rates(t, [int(n) for n in args.projections_only.split(",")], dtype, args.repeats)
         print("\n".join(rates_markdown(rates)))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "linear": {str(k): v for k, v in rates.items()},
-                           "torch": torch.__version__}, f, indent=1)
+        write_json(args, rates)
         return 0
     model = spec.build(num_layers=args.layers, dtype=dtype, device="cpu")
     inputs = make_inputs(model, Workload(images=1, text_before=40, text_after=20), torch.device("cpu"), dtype)
@@ -151,18 +155,18 @@ def main() -> int:
                 runs[label].append(seconds)
             print(f"repetition {rep}{' (warm-up)' if not rep else ''} {label}: "
                   f"decoder {sum(seconds) * 1000:.0f} ms", flush=True)
-    median = {label: [statistics.median(r[i] for r in reps) for i in range(args.layers)] for label, reps in runs.items()}
+    medians = {label: [median([r[i] for r in reps]) for i in range(args.layers)] for label, reps in runs.items()}
     layer_flops = {label: [sum(v for _, v in decoder_layer_flops(t, n).values()) for n in tokens[label]]
                    for label in runs}
     lines = ["| layer | tokens none | tokens lightkv | ms none | ms lightkv | time ratio | FLOPs ratio "
              "| GFLOP/s none | GFLOP/s lightkv |", "|---|---|---|---|---|---|---|---|---|"]
     label = args.method
     for i in range(args.layers):
-        a, b = median["none"][i], median[label][i]
+        a, b = medians["none"][i], medians[label][i]
         fa, fb = layer_flops["none"][i], layer_flops[label][i]
         lines.append(f"| {i} | {tokens['none'][i]} | {tokens[label][i]} | {a * 1000:.0f} | {b * 1000:.0f} "
                      f"| {b / a:.3f} | {fb / fa:.3f} | {fa / a / 1e9:.1f} | {fb / b / 1e9:.1f} |")
-    total_a, total_b = sum(median["none"]), sum(median[label])
+    total_a, total_b = sum(medians["none"]), sum(medians[label])
     flops_a, flops_b = sum(layer_flops["none"]), sum(layer_flops[label])
     lines.append(f"| all | | | {total_a * 1000:.0f} | {total_b * 1000:.0f} | **{total_b / total_a:.3f}** "
                  f"| **{flops_b / flops_a:.3f}** | {flops_a / total_a / 1e9:.1f} | {flops_b / total_b / 1e9:.1f} |")
@@ -174,11 +178,7 @@ def main() -> int:
                   f"tokens: {expected[label] / expected['none']:.3f} (measured {total_b / total_a:.3f}, FLOPs "
                   f"{flops_b / flops_a:.3f})"]
     print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "tokens": tokens, "seconds": runs, "median": median,
-                       "layer_flops": layer_flops, "linear": {str(k): v for k, v in rates.items()},
-                       "torch": torch.__version__}, f, indent=1)
+    write_json(args, rates, tokens=tokens, seconds=runs, median=medians, layer_flops=layer_flops)
     return 0
 
 
